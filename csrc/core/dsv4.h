@@ -1,0 +1,115 @@
+/* dsv4 core: numerics shared by every kernel. No Python here.
+ *
+ * Rounding rules (spec chapter 01 §0):
+ *   bf16      fp32 -> bfloat16, round to nearest, ties to even
+ *   bf16_haz  fp32 -> bfloat16, round to nearest, ties away from zero
+ *   int8      per-row: sq = (1/amax)*127, q = rint(v*sq), scale = 1/sq
+ * Sums of fp32 values use one canonical order (dsv4_sum_sq, dsv4_dot_f32):
+ * element k goes to lane k % 16, lanes are added in a fixed tree. Every ISA
+ * variant follows that order, so results do not depend on the CPU or on the
+ * number of threads.
+ */
+#ifndef DSV4_CORE_H
+#define DSV4_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16_t;
+
+enum dsv4_dtype { DSV4_BF16, DSV4_F32, DSV4_I8, DSV4_I32, DSV4_FP8, DSV4_I64, DSV4_NDTYPE };
+
+/* ---- scalar conversions ------------------------------------------------ */
+
+static inline uint32_t dsv4_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float dsv4_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline float dsv4_bf16_to_f32(bf16_t h) { return dsv4_bits_f32((uint32_t)h << 16); }
+
+static inline bf16_t dsv4_f32_to_bf16(float f)
+{
+    uint32_t u = dsv4_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)        /* NaN: keep it a quiet NaN */
+        return (bf16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+/* Ties away from zero: add half an ulp to the magnitude, truncate. */
+static inline bf16_t dsv4_f32_to_bf16_haz(float f)
+{
+    uint32_t u = dsv4_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (bf16_t)((u >> 16) | 0x40);
+    return (bf16_t)((u + 0x8000u) >> 16);
+}
+
+/* Round an fp32 value to bf16 and back: the golden's `.to(bf16).float()`. */
+static inline float dsv4_round_bf16(float f) { return dsv4_bf16_to_f32(dsv4_f32_to_bf16(f)); }
+
+uint8_t dsv4_f32_to_fp8(float f);     /* e4m3fn, RNE, out of range -> NaN */
+float dsv4_fp8_to_f32(uint8_t c);
+
+/* ---- row primitives (canonical order) ------------------------------------ */
+
+float dsv4_sum_sq(const float *v, int64_t n);
+float dsv4_dot_f32(const float *a, const float *b, int64_t n);
+
+/* 1/sqrt(mean(v^2) + eps), the torch.rsqrt form: sqrt and division each round once. */
+float dsv4_rms_inv(const float *v, int64_t n, float eps);
+
+/* Per-row int8 quantisation (§0.4). Writes q[0..n-1] and returns the dequant scale. */
+float dsv4_quant_row_i8(const float *v, int64_t n, int8_t *q);
+
+/* Interleaved RoPE (§0.5) on n/2 pairs (v[2i], v[2i+1]); cos/sin hold one value
+ * per pair. Each output is bf16(p*q -/+ r*s) with every product rounded to fp32.
+ * inverse != 0 rotates by the negative angle (the attention output's inverse RoPE). */
+void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t n,
+                    int inverse, bf16_t *y);
+
+void dsv4_bf16_row_to_f32(const bf16_t *x, int64_t n, float *y);
+
+/* ---- GEMM ----------------------------------------------------------------
+ * Both compute a column slice C[0:M, 0:nc] = A[0:M, :] @ B[:, n0:n0+nc] into a
+ * C buffer with row stride ldc. Each C element is the sequential sum over k
+ * (fp32 FMA for bf16 inputs; exact int32 for int8), whatever the ISA.
+ * `work` is per-call scratch of the size the _work function returns.
+ */
+size_t dsv4_gemm_bf16_work(int64_t K);
+void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
+                    const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
+                    float *C, int64_t ldc, void *work);
+
+/* A is int8 [M, K] prepared by dsv4_gemm_i8_prep_a (rows padded, k padded to 4). */
+int64_t dsv4_gemm_i8_lda(int64_t K);
+int64_t dsv4_gemm_i8_rows(int64_t M);
+void dsv4_gemm_i8_prep_a(const int8_t *A, int64_t M, int64_t K, int8_t *Ap, int32_t *rowsum);
+size_t dsv4_gemm_i8_work(int64_t K);
+void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t M, int64_t K,
+                  const int8_t *B, int64_t ldb, int64_t n0, int64_t nc,
+                  int32_t *C, int64_t ldc, void *work);
+
+/* ---- CPU features and threads -------------------------------------------- */
+
+enum dsv4_isa { DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX512 = 1 };
+int dsv4_isa_supported(enum dsv4_isa isa);
+enum dsv4_isa dsv4_get_isa(void);
+void dsv4_set_isa(enum dsv4_isa isa);
+const char *dsv4_isa_name(enum dsv4_isa isa);
+
+int dsv4_num_threads(void);
+void dsv4_set_num_threads(int n);
+
+static inline int64_t dsv4_round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+/* Scratch carving: measured with base == NULL in prepare(), replayed in run(). */
+struct dsv4_arena { char *base; size_t used; };
+static inline void *dsv4_take(struct dsv4_arena *a, size_t bytes)
+{
+    size_t off = (a->used + 63) & ~(size_t)63;
+    a->used = off + bytes;
+    return a->base ? a->base + off : NULL;
+}
+
+#endif

@@ -1,0 +1,124 @@
+/* Row primitives in dsv4's canonical order; plain C that the compiler may
+ * vectorise freely, because the order is spelled out lane by lane. */
+#include <math.h>
+
+#include "core/dsv4.h"
+
+#define LANES 16
+
+static float tree16(float acc[LANES])
+{
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++)
+            acc[l] = acc[l] + acc[l + w];
+    return acc[0];
+}
+
+float dsv4_sum_sq(const float *v, int64_t n)
+{
+    float acc[LANES] = {0};
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++)
+            acc[l] += v[k + l] * v[k + l];
+    /* The tail is zero-padded to a full vector so that every ISA sees the same adds. */
+    if (k < n)
+        for (int l = 0; l < LANES; l++) {
+            float x = k + l < n ? v[k + l] : 0.0f;
+            acc[l] += x * x;
+        }
+    return tree16(acc);
+}
+
+float dsv4_dot_f32(const float *a, const float *b, int64_t n)
+{
+    float acc[LANES] = {0};
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++)
+            acc[l] += a[k + l] * b[k + l];
+    if (k < n)
+        for (int l = 0; l < LANES; l++) {
+            float x = k + l < n ? a[k + l] : 0.0f, y = k + l < n ? b[k + l] : 0.0f;
+            acc[l] += x * y;
+        }
+    return tree16(acc);
+}
+
+float dsv4_rms_inv(const float *v, int64_t n, float eps)
+{
+    float mean = dsv4_sum_sq(v, n) / (float)n;
+    return 1.0f / sqrtf(mean + eps);
+}
+
+float dsv4_quant_row_i8(const float *v, int64_t n, int8_t *q)
+{
+    float amax = 1e-4f;                 /* INT8_AMAX_EPS, as fp32 */
+    for (int64_t k = 0; k < n; k++) {
+        float a = fabsf(v[k]);
+        amax = a > amax ? a : amax;
+    }
+    /* torch's `127 / amax` is reciprocal-then-multiply (§0.2) */
+    float sq = (1.0f / amax) * 127.0f;
+    for (int64_t k = 0; k < n; k++) {
+        float r = nearbyintf(v[k] * sq);            /* half to even */
+        /* |r| <= 127 for finite input (§0.4), so int32 -> fp16 -> int8 is the identity */
+        q[k] = r == r ? (int8_t)(int32_t)r : 0;
+    }
+    return 1.0f / sq;
+}
+
+void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t n,
+                    int inverse, bf16_t *y)
+{
+    for (int64_t i = 0; i < n / 2; i++) {
+        float a = v[2 * i], b = v[2 * i + 1], c = cos[i], s = sin[i];
+        float e, o;
+        if (!inverse) {
+            e = a * c - b * s;
+            o = a * s + b * c;
+        } else {
+            e = a * c + b * s;
+            o = b * c - a * s;
+        }
+        y[2 * i] = dsv4_f32_to_bf16(e);
+        y[2 * i + 1] = dsv4_f32_to_bf16(o);
+    }
+}
+
+void dsv4_bf16_row_to_f32(const bf16_t *x, int64_t n, float *y)
+{
+    for (int64_t k = 0; k < n; k++)
+        y[k] = dsv4_bf16_to_f32(x[k]);
+}
+
+/* float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities,
+ * S.1111.111 is NaN, 448 the largest finite value. */
+uint8_t dsv4_f32_to_fp8(float f)
+{
+    uint32_t u = dsv4_f32_bits(f);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return sign | 0x7f;
+    if (a < 0x3c800000u) {                         /* below 2^-6: subnormal grid of 2^-9 */
+        float m = nearbyintf(dsv4_bits_f32(a) * 512.0f);
+        return sign | (uint8_t)m;                  /* m == 8 is the smallest normal, 0x08 */
+    }
+    uint32_t r = a - ((127u - 7u) << 23);          /* rebias the exponent */
+    r = (r + 0x7ffffu + ((r >> 20) & 1u)) >> 20;   /* keep 3 mantissa bits, ties to even */
+    return sign | (uint8_t)(r > 0x7e ? 0x7f : r);  /* past 448 (infinity too) is NaN */
+}
+
+float dsv4_fp8_to_f32(uint8_t c)
+{
+    int e = (c >> 3) & 15, m = c & 7;
+    float v;
+    if (e == 15 && m == 7)
+        v = NAN;
+    else if (e == 0)
+        v = ldexpf((float)m, -9);
+    else
+        v = ldexpf((float)(8 + m), e - 10);
+    return (c & 0x80) ? -v : v;
+}

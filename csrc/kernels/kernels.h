@@ -1,0 +1,108 @@
+/* Argument structs and entry points of every kernel. Fields are named after
+ * pypto-lib's tensors; sizes are int64_t; pointers are const unless written.
+ * `variant` is set from the kernel table; `scratch` is sized by prepare(). */
+#ifndef DSV4_KERNELS_H
+#define DSV4_KERNELS_H
+
+#include "core/dsv4.h"
+
+/* prepare() checks what the table cannot (relations between dims, index
+ * ranges), sets derived dims and returns 0, or writes a message and returns
+ * DSV4_EVALUE. It never writes to a tensor. */
+enum { DSV4_OK = 0, DSV4_EVALUE = 1 };
+struct dsv4_err { char msg[512]; };
+
+/* ---- rms_norm: x_normed[t, d] = bf16((x[t, d] * rsqrt(mean_d x^2 + eps)) * norm_w[d]) */
+struct dsv4_rms_norm_args {
+    const bf16_t *x;          /* [T, D] */
+    const bf16_t *norm_w;     /* [D] */
+    bf16_t *x_normed;         /* [T, D] */
+    int64_t T, D;
+    float rms_norm_eps;
+    int variant;
+    void *scratch;
+};
+int dsv4_rms_norm_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_rms_norm(void *a);
+
+/* ---- qkv_proj_rope and its two variants (spec 01 §5)
+ *   A   = xn @ wq_a, qn = rmsnorm(A) * gamma_cq        -> qr, qr_scale (int8 per row)
+ *   q   = headrms((qr @ wq_b) * qr_scale * wq_b_scale), RoPE on the last R columns
+ *   kv  = rmsnorm(xn @ wkv) * gamma_ckv, RoPE on the last R columns
+ * xn is x itself (qkv_proj_rope) or bf16(rmsnorm(x) * norm_w) (the variants,
+ * which also round qn to bf16 before quantisation). The RoPE row of token t
+ * is rope_cos[start_pos + t % S]. */
+enum { DSV4_QKV_PLAIN = 0, DSV4_QKV_DECODE = 1, DSV4_QKV_PREFILL = 2 };
+struct dsv4_qkv_proj_rope_args {
+    const bf16_t *x;          /* [T, D] or [B, S, D] */
+    const float *norm_w;      /* [D], variants only */
+    const bf16_t *wq_a;       /* [D, Q] */
+    const int8_t *wq_b;       /* [Q, H*HD] */
+    const float *wq_b_scale;  /* [H*HD] */
+    const bf16_t *wkv;        /* [D, HD] */
+    const bf16_t *rope_cos;   /* [P, RW], only columns 0..R/2-1 are read */
+    const bf16_t *rope_sin;
+    const bf16_t *gamma_cq;   /* [Q] */
+    const bf16_t *gamma_ckv;  /* [HD] */
+    bf16_t *q;                /* [T, H, HD] */
+    bf16_t *kv;               /* [T, HD] */
+    int8_t *qr;               /* [T, Q] */
+    float *qr_scale;          /* [T, 1] */
+    int64_t B, S, T, D, Q, HHD, HD, H, P, RW;
+    int64_t start_pos, qk_rope_head_dim;
+    float rms_norm_eps;
+    int variant;
+    int nth;                  /* threads the scratch was sized for */
+    void *scratch;
+};
+int dsv4_qkv_proj_rope_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_qkv_proj_rope(void *a);
+
+/* ---- numerics core, exposed for testing ------------------------------------ */
+enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };
+struct dsv4_cast_args {
+    const void *x;            /* [N] */
+    void *y;                  /* [N] */
+    int64_t N;
+    int variant;
+    void *scratch;
+};
+int dsv4_cast_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_cast(void *a);
+
+struct dsv4_quant_int8_args {
+    const float *x;           /* [M, N] */
+    int8_t *y;                /* [M, N] */
+    float *scale;             /* [M, 1] */
+    int64_t M, N;
+    int variant;
+    void *scratch;
+};
+int dsv4_quant_int8_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_quant_int8(void *a);
+
+enum { DSV4_MATMUL_BF16, DSV4_MATMUL_I8 };
+struct dsv4_matmul_args {
+    const void *a;            /* [M, K] */
+    const void *b;            /* [K, N] */
+    void *c;                  /* [M, N] fp32 or int32 */
+    int64_t M, K, N;
+    int variant;
+    void *scratch;
+};
+int dsv4_matmul_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_matmul(void *a);
+
+struct dsv4_rope_args {
+    const float *x;           /* [M, R] */
+    const bf16_t *cos;        /* [M, RW] */
+    const bf16_t *sin;
+    bf16_t *y;                /* [M, R] */
+    int64_t M, R, RW;
+    int variant;              /* 1: inverse rotation */
+    void *scratch;
+};
+int dsv4_rope_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_rope(void *a);
+
+#endif

@@ -1,0 +1,689 @@
+/* dsv4._C: the only file that touches the CPython and NumPy C-APIs.
+ *
+ * One table row per kernel names its tensors (dtype, symbolic dims, role),
+ * its scalars and its dims, each with the offset of its field in the kernel's
+ * argument struct. call_kernel() is the whole binding: it validates every
+ * argument against the row, binds the symbolic dims, runs the kernel's
+ * prepare() (relations, index ranges, scratch size), allocates the outputs,
+ * releases the GIL and runs the kernel. Nothing is written before every check
+ * has passed.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <stdlib.h>
+
+#include "kernels/kernels.h"
+
+enum role { IN, OUT, UNUSED };      /* UNUSED: accepted for pypto-lib's dicts, checked, not read */
+enum { OPTIONAL = 1, FLAT = 2 };     /* FLAT: any shape holding prod(dims) elements */
+enum { SC_INT, SC_FLOAT };
+
+struct arg_spec { const char *name; int dtype; const char *dims; int role; int flags; size_t off; };
+struct scalar_spec { const char *name; int type; size_t off; int from_config; int has_default; double dflt; };
+struct dim_spec { const char *name; size_t off; };
+
+struct kernel_spec {
+    const char *name;
+    const char *doc;
+    int internal;                   /* numerics primitive: dsv4._C only */
+    int variant;                    /* copied into the struct's `variant` */
+    size_t size, variant_off, scratch_off;
+    const struct arg_spec *args;
+    const struct scalar_spec *scalars;
+    const struct dim_spec *dims;
+    int (*prepare)(void *, struct dsv4_err *, size_t *);
+    void (*run)(void *);
+};
+
+/* ---- the kernel table ----------------------------------------------------- */
+
+#define RMS(f) offsetof(struct dsv4_rms_norm_args, f)
+static const struct dim_spec rms_dims[] = {{"T", RMS(T)}, {"D", RMS(D)}, {0}};
+static const struct arg_spec rms_args[] = {
+    {"x", DSV4_BF16, "T,D", IN, 0, RMS(x)},
+    {"norm_w", DSV4_BF16, "D", IN, 0, RMS(norm_w)},
+    {"x_normed", DSV4_BF16, "T,D", OUT, 0, RMS(x_normed)},
+    {0}};
+static const struct scalar_spec rms_scalars[] = {{"rms_norm_eps", SC_FLOAT, RMS(rms_norm_eps), 1, 0, 0.0}, {0}};
+
+#define QKV(f) offsetof(struct dsv4_qkv_proj_rope_args, f)
+static const struct dim_spec qkv_dims[] = {
+    {"B", QKV(B)}, {"S", QKV(S)}, {"T", QKV(T)}, {"D", QKV(D)}, {"Q", QKV(Q)},
+    {"HHD", QKV(HHD)}, {"HD", QKV(HD)}, {"H", QKV(H)}, {"P", QKV(P)}, {"RW", QKV(RW)}, {0}};
+#define QKV_WEIGHTS                                                              \
+    {"wq_a", DSV4_BF16, "D,Q", IN, 0, QKV(wq_a)},                                \
+    {"wq_b", DSV4_I8, "Q,HHD", IN, 0, QKV(wq_b)},                                \
+    {"wq_b_scale", DSV4_F32, "HHD", IN, FLAT, QKV(wq_b_scale)},                  \
+    {"wkv", DSV4_BF16, "D,HD", IN, 0, QKV(wkv)}
+#define QKV_TAIL                                                                 \
+    {"gamma_cq", DSV4_BF16, "Q", IN, 0, QKV(gamma_cq)},                          \
+    {"gamma_ckv", DSV4_BF16, "HD", IN, 0, QKV(gamma_ckv)},                       \
+    {"q", DSV4_BF16, "T,H,HD", OUT, 0, QKV(q)},                                  \
+    {"kv", DSV4_BF16, "T,HD", OUT, 0, QKV(kv)},                                  \
+    {"qr", DSV4_I8, "T,Q", OUT, 0, QKV(qr)},                                     \
+    {"qr_scale", DSV4_F32, "T,1", OUT, 0, QKV(qr_scale)},                        \
+    {0}
+static const struct arg_spec qkv_args[] = {
+    {"x", DSV4_BF16, "T,D", IN, 0, QKV(x)},
+    QKV_WEIGHTS,
+    {"rope_cos", DSV4_BF16, "T,RW", IN, 0, QKV(rope_cos)},
+    {"rope_sin", DSV4_BF16, "T,RW", IN, 0, QKV(rope_sin)},
+    QKV_TAIL};
+static const struct arg_spec decode_qkv_args[] = {
+    {"x", DSV4_BF16, "B,S,D", IN, 0, QKV(x)},
+    {"norm_w", DSV4_F32, "D", IN, 0, QKV(norm_w)},
+    QKV_WEIGHTS,
+    {"rope_cos", DSV4_BF16, "T,RW", IN, 0, QKV(rope_cos)},
+    {"rope_sin", DSV4_BF16, "T,RW", IN, 0, QKV(rope_sin)},
+    {"even_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
+    {"odd_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
+    QKV_TAIL};
+static const struct arg_spec prefill_qkv_args[] = {
+    {"x", DSV4_BF16, "B,S,D", IN, 0, QKV(x)},
+    {"norm_w", DSV4_F32, "D", IN, 0, QKV(norm_w)},
+    QKV_WEIGHTS,
+    {"freqs_cos", DSV4_BF16, "P,RW", IN, 0, QKV(rope_cos)},
+    {"freqs_sin", DSV4_BF16, "P,RW", IN, 0, QKV(rope_sin)},
+    {"even_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
+    {"odd_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
+    QKV_TAIL};
+static const struct scalar_spec qkv_scalars[] = {
+    {"rms_norm_eps", SC_FLOAT, QKV(rms_norm_eps), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, QKV(qk_rope_head_dim), 1, 0, 0.0},
+    {0}};
+static const struct scalar_spec prefill_qkv_scalars[] = {
+    {"start_pos", SC_INT, QKV(start_pos), 0, 1, 0.0},
+    {"rms_norm_eps", SC_FLOAT, QKV(rms_norm_eps), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, QKV(qk_rope_head_dim), 1, 0, 0.0},
+    {0}};
+
+#define CAST(f) offsetof(struct dsv4_cast_args, f)
+static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
+static const struct arg_spec f32_bf16_args[] = {
+    {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_BF16, "N", OUT, 0, CAST(y)}, {0}};
+static const struct arg_spec f32_fp8_args[] = {
+    {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_FP8, "N", OUT, 0, CAST(y)}, {0}};
+static const struct arg_spec fp8_f32_args[] = {
+    {"x", DSV4_FP8, "N", IN, 0, CAST(x)}, {"y", DSV4_F32, "N", OUT, 0, CAST(y)}, {0}};
+
+#define QI8(f) offsetof(struct dsv4_quant_int8_args, f)
+static const struct dim_spec qi8_dims[] = {{"M", QI8(M)}, {"N", QI8(N)}, {0}};
+static const struct arg_spec qi8_args[] = {
+    {"x", DSV4_F32, "M,N", IN, 0, QI8(x)},
+    {"y", DSV4_I8, "M,N", OUT, 0, QI8(y)},
+    {"scale", DSV4_F32, "M,1", OUT, 0, QI8(scale)},
+    {0}};
+
+#define MM(f) offsetof(struct dsv4_matmul_args, f)
+static const struct dim_spec mm_dims[] = {{"M", MM(M)}, {"K", MM(K)}, {"N", MM(N)}, {0}};
+static const struct arg_spec mm_bf16_args[] = {
+    {"a", DSV4_BF16, "M,K", IN, 0, MM(a)},
+    {"b", DSV4_BF16, "K,N", IN, 0, MM(b)},
+    {"c", DSV4_F32, "M,N", OUT, 0, MM(c)},
+    {0}};
+static const struct arg_spec mm_i8_args[] = {
+    {"a", DSV4_I8, "M,K", IN, 0, MM(a)},
+    {"b", DSV4_I8, "K,N", IN, 0, MM(b)},
+    {"c", DSV4_I32, "M,N", OUT, 0, MM(c)},
+    {0}};
+
+#define ROPE(f) offsetof(struct dsv4_rope_args, f)
+static const struct dim_spec rope_dims[] = {{"M", ROPE(M)}, {"R", ROPE(R)}, {"RW", ROPE(RW)}, {0}};
+static const struct arg_spec rope_args[] = {
+    {"x", DSV4_F32, "M,R", IN, 0, ROPE(x)},
+    {"cos", DSV4_BF16, "M,RW", IN, 0, ROPE(cos)},
+    {"sin", DSV4_BF16, "M,RW", IN, 0, ROPE(sin)},
+    {"y", DSV4_BF16, "M,R", OUT, 0, ROPE(y)},
+    {0}};
+
+static const struct scalar_spec no_scalars[] = {{0}};
+
+#define ROW(NAME, DOC, INTERNAL, VAR, S, ARGS, SCALARS, DIMS, FN)                         \
+    {NAME, DOC, INTERNAL, VAR, sizeof(struct S), offsetof(struct S, variant),            \
+     offsetof(struct S, scratch), ARGS, SCALARS, DIMS, FN##_prepare, FN}
+
+static const struct kernel_spec kernels[] = {
+    ROW("rms_norm",
+        "Attention-input RMSNorm: x_normed = bf16((x * rsqrt(mean(x^2) + eps)) * norm_w).",
+        0, 0, dsv4_rms_norm_args, rms_args, rms_scalars, rms_dims, dsv4_rms_norm),
+    ROW("qkv_proj_rope",
+        "Q/KV projection with RoPE for an already normalised input (pypto-lib qkv_proj_rope): "
+        "q latent -> RMSNorm(gamma_cq) -> int8 (qr, qr_scale) -> W8A8 up-projection -> per-head "
+        "RMSNorm -> RoPE; kv = RMSNorm(x @ wkv, gamma_ckv) -> RoPE. One RoPE row per token.",
+        0, DSV4_QKV_PLAIN, dsv4_qkv_proj_rope_args, qkv_args, qkv_scalars, qkv_dims,
+        dsv4_qkv_proj_rope),
+    ROW("decode_qkv_proj_rope",
+        "Decode variant of qkv_proj_rope (pypto-lib PR #385): attention RMSNorm with norm_w fused "
+        "in front (its output rounded to bf16), the q latent rounded to bf16 before int8 "
+        "quantisation, one RoPE row per token. even_select_t/odd_select_t are accepted and "
+        "ignored, as pypto-lib's golden ignores them.",
+        0, DSV4_QKV_DECODE, dsv4_qkv_proj_rope_args, decode_qkv_args, qkv_scalars, qkv_dims,
+        dsv4_qkv_proj_rope),
+    ROW("prefill_qkv_proj_rope",
+        "Prefill variant of qkv_proj_rope (pypto-lib PR #374): as decode_qkv_proj_rope, with "
+        "RoPE rows start_pos..start_pos+S-1 of the tables freqs_cos/freqs_sin for every batch "
+        "row. start_pos + S beyond the tables is a ValueError.",
+        0, DSV4_QKV_PREFILL, dsv4_qkv_proj_rope_args, prefill_qkv_args, prefill_qkv_scalars,
+        qkv_dims, dsv4_qkv_proj_rope),
+    ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
+        1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
+    ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",
+        1, DSV4_CAST_BF16_HAZ, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
+    ROW("cast_fp8", "fp32 -> float8_e4m3fn, round to nearest even; beyond 448 -> NaN.",
+        1, DSV4_CAST_FP8, dsv4_cast_args, f32_fp8_args, no_scalars, cast_dims, dsv4_cast),
+    ROW("fp8_to_f32", "float8_e4m3fn -> fp32 (exact).",
+        1, DSV4_CAST_FP8_F32, dsv4_cast_args, fp8_f32_args, no_scalars, cast_dims, dsv4_cast),
+    ROW("quant_int8", "Per-row int8 quantisation: y = rint(x * (1/amax) * 127), scale = 1/sq.",
+        1, 0, dsv4_quant_int8_args, qi8_args, no_scalars, qi8_dims, dsv4_quant_int8),
+    ROW("matmul_bf16", "c = a @ b, bf16 inputs, fp32 accumulation in k order.",
+        1, DSV4_MATMUL_BF16, dsv4_matmul_args, mm_bf16_args, no_scalars, mm_dims, dsv4_matmul),
+    ROW("matmul_i8", "c = a @ b, int8 inputs, exact int32.",
+        1, DSV4_MATMUL_I8, dsv4_matmul_args, mm_i8_args, no_scalars, mm_dims, dsv4_matmul),
+    ROW("rope", "Interleaved RoPE, y bf16.",
+        1, 0, dsv4_rope_args, rope_args, no_scalars, rope_dims, dsv4_rope),
+    ROW("rope_inv", "Inverse interleaved RoPE, y bf16.",
+        1, 1, dsv4_rope_args, rope_args, no_scalars, rope_dims, dsv4_rope),
+};
+#define NKERNELS ((int)(sizeof kernels / sizeof kernels[0]))
+
+/* ---- dtypes --------------------------------------------------------------- */
+
+static const char *dtype_names[DSV4_NDTYPE] = {"bfloat16", "float32", "int8", "int32",
+                                               "float8_e4m3fn", "int64"};
+static PyArray_Descr *descrs[DSV4_NDTYPE];
+
+static int init_dtypes(void)
+{
+    descrs[DSV4_F32] = PyArray_DescrFromType(NPY_FLOAT32);
+    descrs[DSV4_I8] = PyArray_DescrFromType(NPY_INT8);
+    descrs[DSV4_I32] = PyArray_DescrFromType(NPY_INT32);
+    descrs[DSV4_I64] = PyArray_DescrFromType(NPY_INT64);
+    PyObject *ml = PyImport_ImportModule("ml_dtypes");
+    if (!ml)
+        return -1;
+    const char *names[2] = {"bfloat16", "float8_e4m3fn"};
+    int ids[2] = {DSV4_BF16, DSV4_FP8};
+    for (int i = 0; i < 2; i++) {
+        PyObject *t = PyObject_GetAttrString(ml, names[i]);
+        if (!t || !PyArray_DescrConverter(t, &descrs[ids[i]])) {
+            Py_XDECREF(t);
+            Py_DECREF(ml);
+            return -1;
+        }
+        Py_DECREF(t);
+    }
+    Py_DECREF(ml);
+    return 0;
+}
+
+static int dtype_matches(PyArrayObject *arr, int dt)
+{
+    return PyArray_EquivTypes(PyArray_DESCR(arr), descrs[dt]) &&
+           PyArray_DESCR(arr)->type_num == descrs[dt]->type_num;
+}
+
+/* ---- dims ----------------------------------------------------------------- */
+
+#define MAXRANK 8
+#define MAXDIMS 16
+
+/* A dims string "T,H,HD" -> per axis: dim index >= 0, literal value as -(v+2), or -1 for "_". */
+static int parse_dims(const struct kernel_spec *k, const char *s, int out[MAXRANK])
+{
+    int n = 0;
+    while (*s && n < MAXRANK) {
+        const char *e = s;
+        while (*e && *e != ',')
+            e++;
+        size_t len = (size_t)(e - s);
+        if (len == 1 && *s == '_') {
+            out[n] = -1;
+        } else if (*s >= '0' && *s <= '9') {
+            out[n] = -(atoi(s) + 2);
+        } else {
+            out[n] = -1;
+            for (int i = 0; k->dims[i].name; i++)
+                if (strlen(k->dims[i].name) == len && !strncmp(k->dims[i].name, s, len))
+                    out[n] = i;
+        }
+        n++;
+        s = *e ? e + 1 : e;
+    }
+    return n;
+}
+
+static int64_t *dim_field(char *st, const struct kernel_spec *k, int i)
+{
+    return (int64_t *)(st + k->dims[i].off);
+}
+
+static PyObject *shape_str(PyArrayObject *a)
+{
+    PyObject *shape = PyObject_GetAttrString((PyObject *)a, "shape");
+    if (!shape)
+        return NULL;
+    PyObject *r = PyObject_Str(shape);
+    Py_DECREF(shape);
+    return r;
+}
+
+static void dims_text(const struct kernel_spec *k, const char *dims, char *buf, size_t n)
+{
+    snprintf(buf, n, "[");
+    for (const char *c = dims; *c; c++) {
+        size_t l = strlen(buf);
+        if (l + 3 < n) {
+            if (*c == ',') {
+                buf[l] = ',';
+                buf[l + 1] = ' ';
+                buf[l + 2] = 0;
+            } else {
+                buf[l] = *c;
+                buf[l + 1] = 0;
+            }
+        }
+    }
+    size_t l = strlen(buf);
+    if (l + 2 < n) {
+        buf[l] = ']';
+        buf[l + 1] = 0;
+    }
+}
+
+/* Check one array against its spec and bind its dims. Returns 0 or -1 with an exception set. */
+static int check_array(const struct kernel_spec *k, const struct arg_spec *as, PyObject *obj,
+                       char *st, const char *bound_by[MAXDIMS])
+{
+    char want[96];
+    dims_text(k, as->dims, want, sizeof want);
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a numpy.ndarray of %s %s, got %s",
+                     k->name, as->name, dtype_names[as->dtype], want, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (!dtype_matches(arr, as->dtype)) {
+        PyErr_Format(PyExc_TypeError, "%s: argument '%s' must have dtype %s, got %S", k->name,
+                     as->name, dtype_names[as->dtype], (PyObject *)PyArray_DESCR(arr));
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr) || !PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: argument '%s' must be a C-contiguous, aligned, native-byte-order array "
+                     "(np.ascontiguousarray(%s) gives one)",
+                     k->name, as->name, as->name);
+        return -1;
+    }
+    int ax[MAXRANK];
+    int rank = parse_dims(k, as->dims, ax);
+    npy_intp *shape = PyArray_DIMS(arr);
+    if (as->flags & FLAT) {
+        int64_t want_n = 1;
+        for (int i = 0; i < rank; i++)
+            want_n *= ax[i] >= 0 ? *dim_field(st, k, ax[i]) : -(ax[i] + 2);
+        if (PyArray_SIZE(arr) != want_n) {
+            PyObject *s = shape_str(arr);
+            PyErr_Format(PyExc_ValueError, "%s: argument '%s' must hold %s = %lld elements, got shape %S",
+                         k->name, as->name, as->dims, (long long)want_n, s);
+            Py_XDECREF(s);
+            return -1;
+        }
+        return 0;
+    }
+    if (PyArray_NDIM(arr) != rank) {
+        PyObject *s = shape_str(arr);
+        PyErr_Format(PyExc_ValueError, "%s: argument '%s' must have shape %s (rank %d), got shape %S",
+                     k->name, as->name, want, rank, s);
+        Py_XDECREF(s);
+        return -1;
+    }
+    for (int i = 0; i < rank; i++) {
+        int64_t got = shape[i];
+        if (ax[i] == -1)
+            continue;
+        if (ax[i] < -1) {
+            if (got != -(ax[i] + 2)) {
+                PyObject *s = shape_str(arr);
+                PyErr_Format(PyExc_ValueError,
+                             "%s: argument '%s' must have shape %s, got shape %S (axis %d must be %d)",
+                             k->name, as->name, want, s, i, -(ax[i] + 2));
+                Py_XDECREF(s);
+                return -1;
+            }
+            continue;
+        }
+        int64_t *f = dim_field(st, k, ax[i]);
+        if (got < 1) {
+            PyObject *s = shape_str(arr);
+            PyErr_Format(PyExc_ValueError, "%s: argument '%s' has shape %S; %s must be at least 1",
+                         k->name, as->name, s, k->dims[ax[i]].name);
+            Py_XDECREF(s);
+            return -1;
+        }
+        if (*f < 0) {
+            *f = got;
+            bound_by[ax[i]] = as->name;
+        } else if (*f != got) {
+            PyObject *s = shape_str(arr);
+            PyErr_Format(PyExc_ValueError,
+                         "%s: argument '%s' must have shape %s, got shape %S: %s is %lld (from '%s'), "
+                         "not %lld",
+                         k->name, as->name, want, s, k->dims[ax[i]].name, (long long)*f,
+                         bound_by[ax[i]], (long long)got);
+            Py_XDECREF(s);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int set_scalar(const struct kernel_spec *k, const struct scalar_spec *ss, PyObject *obj,
+                      char *st)
+{
+    if (ss->type == SC_INT) {
+        if (PyFloat_Check(obj)) {
+            PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be an integer, got %R", k->name,
+                         ss->name, obj);
+            return -1;
+        }
+        PyObject *i = PyNumber_Index(obj);
+        if (!i) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be an integer, got %s", k->name,
+                         ss->name, Py_TYPE(obj)->tp_name);
+            return -1;
+        }
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(i, &overflow);
+        Py_DECREF(i);
+        if (overflow) {
+            PyErr_Format(PyExc_ValueError, "%s: argument '%s' = %R is out of range", k->name,
+                         ss->name, obj);
+            return -1;
+        }
+        *(int64_t *)(st + ss->off) = v;
+    } else {
+        double v = PyFloat_AsDouble(obj);
+        if (v == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a number, got %s", k->name,
+                         ss->name, Py_TYPE(obj)->tp_name);
+            return -1;
+        }
+        *(float *)(st + ss->off) = (float)v;
+    }
+    return 0;
+}
+
+/* ---- call_kernel ------------------------------------------------------------ */
+
+#define MAXARGS 32
+
+static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t npos, PyObject *kwnames)
+{
+    const struct kernel_spec *k = &kernels[PyLong_AsLong(self)];
+    PyObject *tv[MAXARGS] = {0}, *sv[MAXARGS] = {0};
+    int nt = 0, ns = 0;
+    while (k->args[nt].name)
+        nt++;
+    while (k->scalars[ns].name)
+        ns++;
+    if (npos) {
+        PyErr_Format(PyExc_TypeError, "%s: pass arguments by keyword", k->name);
+        return NULL;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *kn = PyTuple_GET_ITEM(kwnames, i);
+        int found = 0;
+        for (int j = 0; j < nt && !found; j++)
+            if (k->args[j].role != OUT && !PyUnicode_CompareWithASCIIString(kn, k->args[j].name)) {
+                tv[j] = pos[i];
+                found = 1;
+            }
+        for (int j = 0; j < ns && !found; j++)
+            if (!PyUnicode_CompareWithASCIIString(kn, k->scalars[j].name)) {
+                sv[j] = pos[i];
+                found = 1;
+            }
+        if (!found) {
+            PyErr_Format(PyExc_TypeError, "%s: unexpected argument '%U'", k->name, kn);
+            return NULL;
+        }
+    }
+
+    char *st = calloc(1, k->size);
+    PyObject *outs[MAXARGS] = {0};
+    PyObject *result = NULL;
+    void *scratch = NULL;
+    if (!st)
+        return PyErr_NoMemory();
+    const char *bound_by[MAXDIMS] = {0};
+    for (int i = 0; k->dims[i].name; i++)
+        *dim_field(st, k, i) = -1;
+    *(int *)(st + k->variant_off) = k->variant;
+
+    /* inputs: shaped ones first, then FLAT ones whose size needs the bound dims */
+    for (int pass = 0; pass < 2; pass++)
+        for (int j = 0; j < nt; j++) {
+            const struct arg_spec *as = &k->args[j];
+            if (as->role == OUT || !!(as->flags & FLAT) != pass)
+                continue;
+            if (!tv[j]) {
+                if (as->flags & OPTIONAL)
+                    continue;
+                char want[96];
+                dims_text(k, as->dims, want, sizeof want);
+                PyErr_Format(PyExc_TypeError, "%s: missing argument '%s' (%s %s)", k->name,
+                             as->name, dtype_names[as->dtype], want);
+                goto done;
+            }
+            if (check_array(k, as, tv[j], st, bound_by))
+                goto done;
+            if (as->role == IN)
+                *(const void **)(st + as->off) = PyArray_DATA((PyArrayObject *)tv[j]);
+        }
+    for (int j = 0; j < ns; j++) {
+        const struct scalar_spec *ss = &k->scalars[j];
+        if (sv[j]) {
+            if (set_scalar(k, ss, sv[j], st))
+                goto done;
+        } else if (ss->has_default) {
+            if (ss->type == SC_INT)
+                *(int64_t *)(st + ss->off) = (int64_t)ss->dflt;
+            else
+                *(float *)(st + ss->off) = (float)ss->dflt;
+        } else {
+            PyErr_Format(PyExc_TypeError, "%s: missing argument '%s'", k->name, ss->name);
+            goto done;
+        }
+    }
+
+    struct dsv4_err err = {{0}};
+    size_t nscratch = 0;
+    if (k->prepare(st, &err, &nscratch)) {
+        PyErr_Format(PyExc_ValueError, "%s: %s", k->name, err.msg);
+        goto done;
+    }
+
+    for (int j = 0; j < nt; j++) {
+        const struct arg_spec *as = &k->args[j];
+        if (as->role != OUT)
+            continue;
+        int ax[MAXRANK];
+        int rank = parse_dims(k, as->dims, ax);
+        npy_intp shape[MAXRANK];
+        for (int i = 0; i < rank; i++)
+            shape[i] = ax[i] >= 0 ? *dim_field(st, k, ax[i]) : -(ax[i] + 2);
+        Py_INCREF(descrs[as->dtype]);
+        outs[j] = PyArray_Empty(rank, shape, descrs[as->dtype], 0);
+        if (!outs[j])
+            goto done;
+        *(void **)(st + as->off) = PyArray_DATA((PyArrayObject *)outs[j]);
+    }
+    if (nscratch && posix_memalign(&scratch, 64, nscratch)) {
+        scratch = NULL;
+        PyErr_NoMemory();
+        goto done;
+    }
+    *(void **)(st + k->scratch_off) = scratch;
+
+    Py_BEGIN_ALLOW_THREADS
+    k->run(st);
+    Py_END_ALLOW_THREADS
+
+    result = PyDict_New();
+    for (int j = 0; result && j < nt; j++)
+        if (outs[j] && PyDict_SetItemString(result, k->args[j].name, outs[j])) {
+            Py_CLEAR(result);
+        }
+done:
+    for (int j = 0; j < nt; j++)
+        Py_XDECREF(outs[j]);
+    free(scratch);
+    free(st);
+    return result;
+}
+
+/* ---- introspection and settings ----------------------------------------------- */
+
+static const char *role_names[] = {"in", "out", "unused"};
+
+static PyObject *kernel_table(PyObject *self, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    for (int i = 0; list && i < NKERNELS; i++) {
+        const struct kernel_spec *k = &kernels[i];
+        PyObject *args = PyList_New(0), *scalars = PyList_New(0);
+        for (int j = 0; args && k->args[j].name; j++) {
+            const struct arg_spec *a = &k->args[j];
+            PyObject *t = Py_BuildValue("{s:s,s:s,s:s,s:s,s:O,s:O}", "name", a->name, "dtype",
+                                        dtype_names[a->dtype], "dims", a->dims, "role",
+                                        role_names[a->role], "optional",
+                                        (a->flags & OPTIONAL) ? Py_True : Py_False, "flat",
+                                        (a->flags & FLAT) ? Py_True : Py_False);
+            if (!t || PyList_Append(args, t))
+                Py_CLEAR(args);
+            Py_XDECREF(t);
+        }
+        for (int j = 0; scalars && k->scalars[j].name; j++) {
+            const struct scalar_spec *s = &k->scalars[j];
+            PyObject *dflt = s->has_default
+                                 ? (s->type == SC_INT ? PyLong_FromLongLong((long long)s->dflt)
+                                                      : PyFloat_FromDouble(s->dflt))
+                                 : Py_NewRef(Py_None);
+            PyObject *t = Py_BuildValue("{s:s,s:s,s:O,s:O,s:N}", "name", s->name, "type",
+                                        s->type == SC_INT ? "int" : "float", "from_config",
+                                        s->from_config ? Py_True : Py_False, "has_default",
+                                        s->has_default ? Py_True : Py_False, "default", dflt);
+            if (!t || PyList_Append(scalars, t))
+                Py_CLEAR(scalars);
+            Py_XDECREF(t);
+        }
+        PyObject *row = args && scalars
+                            ? Py_BuildValue("{s:s,s:s,s:O,s:O,s:O}", "name", k->name, "doc", k->doc,
+                                            "internal", k->internal ? Py_True : Py_False, "args",
+                                            args, "scalars", scalars)
+                            : NULL;
+        Py_XDECREF(args);
+        Py_XDECREF(scalars);
+        if (!row || PyList_Append(list, row))
+            Py_CLEAR(list);
+        Py_XDECREF(row);
+    }
+    return list;
+}
+
+static PyObject *set_num_threads(PyObject *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > 1024) {
+        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be in [1, 1024], got %ld", n);
+        return NULL;
+    }
+    dsv4_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_num_threads(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(dsv4_num_threads());
+}
+
+static PyObject *set_isa(PyObject *self, PyObject *arg)
+{
+    const char *s = PyUnicode_AsUTF8(arg);
+    if (!s)
+        return NULL;
+    enum dsv4_isa isa;
+    if (!strcmp(s, "scalar"))
+        isa = DSV4_ISA_SCALAR;
+    else if (!strcmp(s, "avx512"))
+        isa = DSV4_ISA_AVX512;
+    else if (!strcmp(s, "auto"))
+        isa = dsv4_isa_supported(DSV4_ISA_AVX512) ? DSV4_ISA_AVX512 : DSV4_ISA_SCALAR;
+    else {
+        PyErr_Format(PyExc_ValueError, "set_isa: isa must be 'auto', 'scalar' or 'avx512', got %R", arg);
+        return NULL;
+    }
+    if (!dsv4_isa_supported(isa)) {
+        PyErr_Format(PyExc_ValueError, "set_isa: this CPU does not support %s", s);
+        return NULL;
+    }
+    dsv4_set_isa(isa);
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_isa(PyObject *self, PyObject *unused)
+{
+    return PyUnicode_FromString(dsv4_isa_name(dsv4_get_isa()));
+}
+
+static PyObject *available_isas(PyObject *self, PyObject *unused)
+{
+    return dsv4_isa_supported(DSV4_ISA_AVX512) ? Py_BuildValue("(ss)", "scalar", "avx512")
+                                               : Py_BuildValue("(s)", "scalar");
+}
+
+static PyMethodDef module_methods[] = {
+    {"kernel_table", kernel_table, METH_NOARGS, "Every kernel's arguments, as the binding checks them."},
+    {"set_num_threads", set_num_threads, METH_O, "Threads the kernels use (results do not depend on it)."},
+    {"get_num_threads", get_num_threads, METH_NOARGS, "Threads the kernels use."},
+    {"set_isa", set_isa, METH_O, "'auto', 'scalar' or 'avx512': the code path of the hot loops."},
+    {"get_isa", get_isa, METH_NOARGS, "The code path in use."},
+    {"available_isas", available_isas, METH_NOARGS, "The code paths this CPU can run."},
+    {NULL, NULL, 0, NULL}};
+
+static PyMethodDef kernel_defs[NKERNELS];
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "dsv4._C", "dsv4 C kernels; use the wrappers in dsv4.", -1,
+    module_methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void)
+{
+    import_array();
+    if (init_dtypes())
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m)
+        return NULL;
+    for (int i = 0; i < NKERNELS; i++) {
+        kernel_defs[i] = (PyMethodDef){kernels[i].name, (PyCFunction)(void (*)(void))call_kernel,
+                                       METH_FASTCALL | METH_KEYWORDS, kernels[i].doc};
+        PyObject *idx = PyLong_FromLong(i);
+        PyObject *f = idx ? PyCFunction_NewEx(&kernel_defs[i], idx, m) : NULL;
+        Py_XDECREF(idx);
+        if (!f || PyModule_AddObject(m, kernels[i].name, f)) {
+            Py_XDECREF(f);
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    return m;
+}

@@ -1,0 +1,25 @@
+"""dsv4: the DeepSeek-V4 kernels of pypto-lib on the CPU.
+
+Every kernel exists twice, under one name:
+
+    dsv4.<kernel>(**inputs)          fast C kernel (multi-threaded, GIL released)
+    dsv4.golden.<kernel>(**inputs)   NumPy golden reproducing pypto-lib's torch golden
+    dsv4.specs.<kernel>(seed=0)      seeded inputs, keyed by pypto-lib's tensor names
+
+Both return a dict of outputs keyed by pypto-lib's output names. To compare
+an output of your own: dsv4.verify(kernel, outputs, inputs).
+"""
+from . import compare, config, golden, specs
+from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
+from ._kernels import CORE, KERNELS
+from .check import check, verify
+from .config import DEMO, FLASH, PRO, DeepSeekV4Config, get_config
+from .rope import gather_rope_rows, rope_tables
+
+globals().update(KERNELS)
+
+__version__ = "0.1.0"
+__all__ = [*KERNELS, "KERNELS", "golden", "specs", "compare", "config", "check", "verify",
+           "DeepSeekV4Config", "DEMO", "FLASH", "PRO", "get_config", "rope_tables",
+           "gather_rope_rows", "set_num_threads", "get_num_threads", "set_isa", "get_isa",
+           "available_isas"]

@@ -1,0 +1,68 @@
+"""Python faces of the C kernels, derived from the C kernel table.
+
+dsv4._C.kernel_table() is the one source of truth for each kernel's
+arguments: names, dtypes, symbolic shapes, which are outputs, which scalars
+come from the model config. From it every dsv4.<kernel> gets an
+introspectable signature and a docstring.
+"""
+import functools
+import inspect
+
+from . import _C
+from .config import get_config
+
+P = inspect.Parameter
+
+
+def _describe(arg):
+    return f"{arg['dtype']} [{arg['dims'].replace(',', ', ')}]"
+
+
+def _make(row):
+    raw = getattr(_C, row["name"])
+    ins = [a for a in row["args"] if a["role"] != "out"]
+    outs = [a for a in row["args"] if a["role"] == "out"]
+    from_config = [s["name"] for s in row["scalars"] if s["from_config"]]
+    user_scalars = [s for s in row["scalars"] if not s["from_config"]]
+
+    params = [P(a["name"], P.POSITIONAL_OR_KEYWORD) for a in ins if not a["optional"]]
+    params += [P(a["name"], P.POSITIONAL_OR_KEYWORD, default=None) for a in ins if a["optional"]]
+    params += [P(s["name"], P.POSITIONAL_OR_KEYWORD,
+                 default=s["default"] if s["has_default"] else P.empty) for s in user_scalars]
+    if from_config:
+        params.append(P("config", P.KEYWORD_ONLY, default=None))
+    sig = inspect.Signature(params)
+
+    @functools.wraps(raw)
+    def kernel(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        kw = {k: v for k, v in bound.arguments.items() if v is not None and k != "config"}
+        if from_config:
+            cfg = get_config(bound.arguments.get("config"))
+            kw.update((name, getattr(cfg, name)) for name in from_config)
+        return raw(**kw)
+
+    lines = [row["doc"], "", "Parameters", "----------"]
+    for a in ins:
+        note = " (optional, not read)" if a["role"] == "unused" else ""
+        flat = "; any shape with that many elements" if a["flat"] else ""
+        lines.append(f"{a['name']} : {_describe(a)}{flat}{note}")
+    for s in user_scalars:
+        lines.append(f"{s['name']} : {s['type']}" + (f", default {s['default']}" if s["has_default"] else ""))
+    if from_config:
+        lines += ["config : str or DeepSeekV4Config, default 'flash'",
+                  f"    Supplies {', '.join(from_config)}."]
+    lines += ["", "Returns", "-------", "dict"]
+    lines += [f"    {a['name']} : {_describe(a)}" for a in outs]
+    lines += ["", f"The NumPy golden is dsv4.golden.{row['name']}; inputs: dsv4.specs.{row['name']}."]
+    kernel.__doc__ = "\n".join(lines)
+    kernel.__signature__ = sig
+    kernel.__name__ = kernel.__qualname__ = row["name"]
+    kernel.__module__ = "dsv4"
+    kernel.outputs = tuple(a["name"] for a in outs)
+    return kernel
+
+
+TABLE = {row["name"]: row for row in _C.kernel_table()}
+KERNELS = {name: _make(row) for name, row in TABLE.items() if not row["internal"]}
+CORE = {name: _make(row) for name, row in TABLE.items() if row["internal"]}

@@ -1,0 +1,9 @@
+"""NumPy goldens: dsv4.golden.<kernel> mirrors dsv4.<kernel> argument for argument.
+
+Written for reading: plain NumPy in pypto-lib's step order, every rounding
+point a call into dsv4.golden.numerics.
+"""
+from . import numerics
+from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
+
+__all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope"]

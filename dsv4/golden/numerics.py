@@ -1,0 +1,133 @@
+"""The rounding points of every golden, defined once (spec chapter 01 §0).
+
+Every function takes and returns NumPy arrays and computes in float32 unless
+its name says otherwise; constants are float32 before they meet an array, so
+that the result does not depend on NumPy's scalar promotion rules.
+"""
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+F32 = np.float32
+
+INT8_SCALE_MAX = F32(127.0)
+INT8_AMAX_EPS = F32(1e-4)
+
+
+def f32(x):
+    """Widen (exactly) or round to float32."""
+    return np.asarray(x).astype(np.float32)
+
+
+def bf16_rne(x):
+    """fp32 -> bfloat16, round to nearest, ties to even (torch's `.to(bfloat16)`)."""
+    return np.asarray(x, dtype=np.float32).astype(BF16)
+
+
+def bf16_haz(x):
+    """fp32 -> bfloat16, round to nearest, ties away from zero.
+
+    pypto-lib's "to device bf16" trick: add 0x8000 to the int32 view of the
+    bits, clear the low half. Used only by hc_pre's x_mixed and hc_head's y.
+    NaN stays NaN.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    r = ((u + np.uint32(0x8000)) >> np.uint32(16)).astype(np.uint16)
+    out = r.view(BF16)
+    return np.where(np.isnan(x), bf16_rne(x), out)
+
+
+def round_bf16(x):
+    """fp32 -> bf16 (RNE) -> fp32: the golden's `.to(torch.bfloat16).float()`."""
+    return bf16_rne(x).astype(np.float32)
+
+
+def fp8_e4m3fn(x):
+    """fp32 -> float8_e4m3fn, round to nearest even; beyond the finite range -> NaN."""
+    return np.asarray(x, dtype=np.float32).astype(FP8)
+
+
+def rsqrt(v):
+    """torch.rsqrt on the CPU: a rounded sqrt, then a rounded division."""
+    return F32(1.0) / np.sqrt(f32(v))
+
+
+def rms_inv(v, eps):
+    """1 / sqrt(mean(v^2, last axis) + eps), keepdims. The mean is sum / n in fp32."""
+    v = f32(v)
+    ms = np.sum(v * v, axis=-1, keepdims=True, dtype=np.float32) / F32(v.shape[-1])
+    return rsqrt(ms + F32(eps))
+
+
+def rms_norm(v, weight, eps):
+    """(v * rms_inv(v)) * weight, the order torch evaluates `x * inv * w` in."""
+    v = f32(v)
+    return (v * rms_inv(v, eps)) * f32(weight)
+
+
+def int8_quant_per_row(v):
+    """Per-row int8 quantisation over the last axis (§0.4).
+
+    Returns (q int8, scale fp32 with a trailing axis of 1). The scale factor is
+    computed as torch computes `127 / amax`: reciprocal, then multiply. The
+    stored dequant scale is 1/sq, not amax/127.
+    """
+    v = f32(v)
+    amax = np.maximum(np.max(np.abs(v), axis=-1, keepdims=True), INT8_AMAX_EPS)
+    sq = (F32(1.0) / amax) * INT8_SCALE_MAX
+    i32 = np.rint(v * sq).astype(np.int32)          # half to even
+    # int32 -> fp16 -> int8: the identity here, since |i32| <= 127 (§0.4)
+    assert np.all(np.abs(i32) <= 127)
+    q = i32.astype(np.float16).astype(np.int8)
+    return q, F32(1.0) / sq
+
+
+def int8_quant_per_column(w):
+    """Per-output-column int8 quantisation of a [K, N] weight (the builders' wq_b).
+
+    Returns (w_i8 [K, N], scale fp32 [N]), with the clamp the weight path has.
+    """
+    w = f32(w)
+    amax = np.maximum(np.max(np.abs(w), axis=0), INT8_AMAX_EPS)
+    sq = (F32(1.0) / amax) * INT8_SCALE_MAX
+    i32 = np.clip(np.rint(w * sq).astype(np.int32), -127, 127)
+    return i32.astype(np.float16).astype(np.int8), F32(1.0) / sq
+
+
+def matmul_bf16(a, b):
+    """bf16 x bf16 -> fp32, fp32 accumulation (order is BLAS's)."""
+    return np.matmul(f32(a), f32(b))
+
+
+def matmul_i8(a, b):
+    """int8 x int8 -> int32, exact.
+
+    BLAS in floating point is exact while every partial sum is an integer the
+    format holds: float32 up to 2^24 (K <= 1024), float64 beyond.
+    """
+    k = a.shape[-1]
+    ft = np.float32 if k * 128 * 128 <= 2**24 else np.float64
+    return np.matmul(a.astype(ft), b.astype(ft)).astype(np.int32)
+
+
+def rope_interleaved(v, cos, sin, inverse=False):
+    """Interleaved RoPE on the last axis of v (§0.5), rounded to bf16.
+
+    Pair i is (v[..., 2i], v[..., 2i+1]) and turns by column i of cos/sin,
+    which broadcast against v's leading axes. Only the first R/2 columns of
+    cos/sin are read. inverse=True turns by the negative angle.
+    """
+    v = f32(v)
+    half = v.shape[-1] // 2
+    c, s = f32(cos)[..., :half], f32(sin)[..., :half]
+    a, b = v[..., 0::2], v[..., 1::2]
+    if not inverse:
+        even, odd = a * c - b * s, a * s + b * c
+    else:
+        even, odd = a * c + b * s, b * c - a * s
+    out = np.empty(v.shape, dtype=BF16)
+    out[..., 0::2] = bf16_rne(even)
+    out[..., 1::2] = bf16_rne(odd)
+    return out

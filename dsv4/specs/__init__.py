@@ -1,0 +1,14 @@
+"""Seeded input builders: dsv4.specs.<kernel>(..., seed=0, config=None) -> dict of inputs
+keyed by pypto-lib's tensor names, ready for dsv4.<kernel>(**inputs).
+
+Also, per kernel, pypto-lib's comparator for each output (COMPARATORS) and the
+deployment cases `python -m dsv4 check` runs (CASES).
+"""
+from . import qkv
+from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
+
+COMPARATORS = {**qkv.COMPARATORS}
+CASES = {**qkv.CASES}
+
+__all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
+           "COMPARATORS", "CASES"]
