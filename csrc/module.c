@@ -322,12 +322,17 @@ static int check_array(const struct kernel_spec *k, const struct arg_spec *as, P
     npy_intp *shape = PyArray_DIMS(arr);
     if (as->flags & FLAT) {
         int64_t want_n = 1;
-        for (int i = 0; i < rank; i++)
+        const char *from = "";
+        for (int i = 0; i < rank; i++) {
             want_n *= ax[i] >= 0 ? *dim_field(st, k, ax[i]) : -(ax[i] + 2);
+            if (ax[i] >= 0 && bound_by[ax[i]])
+                from = bound_by[ax[i]];
+        }
         if (PyArray_SIZE(arr) != want_n) {
             PyObject *s = shape_str(arr);
-            PyErr_Format(PyExc_ValueError, "%s: argument '%s' must hold %s = %lld elements, got shape %S",
-                         k->name, as->name, as->dims, (long long)want_n, s);
+            PyErr_Format(PyExc_ValueError,
+                         "%s: argument '%s' must hold %s = %lld elements (from '%s'), got shape %S",
+                         k->name, as->name, as->dims, (long long)want_n, from, s);
             Py_XDECREF(s);
             return -1;
         }

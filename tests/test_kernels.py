@@ -1,0 +1,261 @@
+"""Every public kernel against its golden, and the checks every kernel must pass:
+bad input, untouched inputs, thread count and ISA independence, symmetric names."""
+import inspect
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dsv4
+from dsv4.compare import compare_outputs
+from conftest import same_bits
+
+KERNELS = sorted(dsv4.KERNELS)
+
+
+def c_vs_golden(kernel, inputs, **kw):
+    c = dsv4.KERNELS[kernel](**inputs, **kw)
+    g = getattr(dsv4.golden, kernel)(**inputs, **kw)
+    assert set(c) == set(g) - {"stages"}
+    report = compare_outputs(c, g, dsv4.specs.COMPARATORS[kernel], inputs=inputs)
+    assert report, str(report)
+    return c, g
+
+
+# ---- C vs golden: the deployment cases, then small and odd shapes --------------
+
+DEPLOYMENT = [(k, case) for k in KERNELS for case in dsv4.specs.CASES[k]]
+
+
+@pytest.mark.parametrize("kernel,case", DEPLOYMENT, ids=[f"{k}-{c}" for k, c in DEPLOYMENT])
+def test_deployment_case(kernel, case):
+    results = dsv4.check(kernel, case, repeat=1)
+    assert all(results), "\n".join(map(str, results))
+
+
+ODD = [
+    ("rms_norm", dict(T=1)), ("rms_norm", dict(T=37)),
+    ("qkv_proj_rope", dict(T=1)), ("qkv_proj_rope", dict(T=3)), ("qkv_proj_rope", dict(T=37)),
+    ("decode_qkv_proj_rope", dict(B=3, S=1)), ("decode_qkv_proj_rope", dict(B=2, S=5)),
+    ("prefill_qkv_proj_rope", dict(B=1, S=1, start_pos=0)),
+    ("prefill_qkv_proj_rope", dict(B=2, S=37, start_pos=128)),
+    ("prefill_qkv_proj_rope", dict(B=1, S=128, start_pos=8000)),
+    ("prefill_qkv_proj_rope", dict(B=1, S=64, start_pos=8192 - 64)),
+]
+
+
+@pytest.mark.parametrize("kernel,params", ODD, ids=[f"{k}-{p}" for k, p in ODD])
+def test_odd_shapes(kernel, params):
+    c_vs_golden(kernel, getattr(dsv4.specs, kernel)(**params, seed=3))
+
+
+def test_prefill_positions_follow_start_pos():
+    # the same tokens at another start_pos: only the rope columns may change
+    a = dsv4.specs.prefill_qkv_proj_rope(B=1, S=16, start_pos=0, seed=5)
+    b = dict(a, start_pos=128)
+    oa, ob = dsv4.prefill_qkv_proj_rope(**a), dsv4.prefill_qkv_proj_rope(**b)
+    N = dsv4.FLASH.nope_head_dim
+    assert same_bits(oa["q"][..., :N], ob["q"][..., :N])
+    assert not np.array_equal(oa["q"][..., N:], ob["q"][..., N:])
+    # and equal to the per-token kernel given the gathered rows
+    d = {k: v for k, v in b.items() if k not in ("freqs_cos", "freqs_sin", "start_pos")}
+    d["rope_cos"] = np.ascontiguousarray(b["freqs_cos"][128:144])
+    d["rope_sin"] = np.ascontiguousarray(b["freqs_sin"][128:144])
+    od = dsv4.decode_qkv_proj_rope(**d)
+    for name in ob:
+        assert same_bits(ob[name], od[name]), name
+
+
+SMALL = dict(hidden_size=256, q_lora_rank=64, num_attention_heads=4, head_dim=96,
+             qk_rope_head_dim=32)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_small_config(kernel):
+    import dataclasses
+    cfg = dataclasses.replace(dsv4.FLASH, **SMALL)
+    params = {k: v for k, v in next(iter(dsv4.specs.CASES[kernel].values())).items()}
+    params.update({"T": 5} if "T" in params else {})
+    inputs = getattr(dsv4.specs, kernel)(**params, seed=1, config=cfg)
+    c_vs_golden(kernel, inputs, config=cfg)
+
+
+# ---- determinism ---------------------------------------------------------------
+
+def small_inputs(kernel, seed=7):
+    params = dict(next(iter(dsv4.specs.CASES[kernel].values())))
+    if "T" in params:
+        params["T"] = 3
+    if "B" in params:
+        params.update(B=2, S=3)
+    return getattr(dsv4.specs, kernel)(**params, seed=seed)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_same_bits_for_any_thread_count(kernel, threads):
+    inputs = getattr(dsv4.specs, kernel)(**next(iter(dsv4.specs.CASES[kernel].values())), seed=2)
+    runs = []
+    for n in (1, 2, 3):
+        threads(n)
+        runs.append(dsv4.KERNELS[kernel](**inputs))
+    for other in runs[1:]:
+        for name in runs[0]:
+            assert same_bits(runs[0][name], other[name]), name
+
+
+@pytest.mark.skipif("avx512" not in dsv4.available_isas(), reason="CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_same_bits_scalar_and_simd(kernel, isa):
+    inputs = small_inputs(kernel)
+    isa("scalar")
+    ref = dsv4.KERNELS[kernel](**inputs)
+    isa("avx512")
+    out = dsv4.KERNELS[kernel](**inputs)
+    for name in ref:
+        assert same_bits(ref[name], out[name]), name
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_inputs_unchanged(kernel):
+    inputs = small_inputs(kernel)
+    before = {k: np.copy(v) for k, v in inputs.items()}
+    dsv4.KERNELS[kernel](**inputs)
+    getattr(dsv4.golden, kernel)(**inputs)
+    for k in inputs:
+        assert same_bits(np.asarray(inputs[k]), before[k]), k
+
+
+# ---- one name, four places -------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_names_are_symmetric(kernel):
+    c = inspect.signature(getattr(dsv4, kernel))
+    g = inspect.signature(getattr(dsv4.golden, kernel))
+    assert list(c.parameters) == [p for p in g.parameters if p != "stages"]
+    assert callable(getattr(dsv4.specs, kernel))
+    assert kernel in dsv4.specs.COMPARATORS and kernel in dsv4.specs.CASES
+    outs = getattr(dsv4, kernel).outputs
+    assert set(dsv4.specs.COMPARATORS[kernel]) == set(outs)
+    doc = getattr(dsv4, kernel).__doc__
+    for name in list(c.parameters) + list(outs):
+        assert name in doc
+
+
+# ---- bad input --------------------------------------------------------------------
+
+def flat_args(kernel):
+    return {a["name"] for a in dsv4._kernels.TABLE[kernel]["args"] if a["flat"]}
+
+
+def first_array(kernel, inputs):
+    sig = inspect.signature(getattr(dsv4, kernel))
+    return next(n for n in sig.parameters if isinstance(inputs.get(n), np.ndarray))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_wrong_dtype_names_the_argument(kernel):
+    inputs = small_inputs(kernel)
+    for name, v in inputs.items():
+        if not isinstance(v, np.ndarray):
+            continue
+        wrong = np.float64 if v.dtype != np.float64 else np.float32
+        bad = dict(inputs, **{name: v.astype(wrong)})
+        with pytest.raises(TypeError, match=rf"'{name}'.*{np.dtype(v.dtype).name}.*float"):
+            dsv4.KERNELS[kernel](**bad)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_wrong_shape_names_the_argument(kernel):
+    inputs = small_inputs(kernel)
+    for name, v in inputs.items():
+        if not isinstance(v, np.ndarray):
+            continue
+        grown = np.zeros(v.shape[:-1] + (v.shape[-1] + 1,), v.dtype)
+        with pytest.raises(ValueError, match=rf"'{name}'"):
+            dsv4.KERNELS[kernel](**dict(inputs, **{name: grown}))
+        if name in flat_args(kernel):
+            continue
+        with pytest.raises(ValueError, match=rf"'{name}'.*rank {v.ndim}"):
+            dsv4.KERNELS[kernel](**dict(inputs, **{name: v[None]}))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_non_contiguous_is_refused(kernel):
+    inputs = small_inputs(kernel)
+    name = first_array(kernel, inputs)
+    v = inputs[name]
+    strided = np.repeat(v, 2, axis=-1)[..., ::2]
+    assert not strided.flags.c_contiguous
+    with pytest.raises(ValueError, match=rf"'{name}'.*C-contiguous"):
+        dsv4.KERNELS[kernel](**dict(inputs, **{name: strided}))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_missing_and_unknown_arguments(kernel):
+    inputs = small_inputs(kernel)
+    name = first_array(kernel, inputs)
+    with pytest.raises(TypeError, match=name):
+        dsv4.KERNELS[kernel](**{k: v for k, v in inputs.items() if k != name})
+    with pytest.raises(TypeError, match="bogus"):
+        dsv4.KERNELS[kernel](**inputs, bogus=1)
+    with pytest.raises(TypeError, match="list"):
+        dsv4.KERNELS[kernel](**dict(inputs, **{name: inputs[name].tolist()}))
+
+
+def test_related_dims_are_checked():
+    d = small_inputs("qkv_proj_rope")
+    with pytest.raises(ValueError, match="wq_b has 32767 columns.*multiple of head_dim"):
+        dsv4.qkv_proj_rope(**dict(d, wq_b=d["wq_b"][:, :-1].copy(), wq_b_scale=d["wq_b_scale"][:-1].copy()))
+    with pytest.raises(ValueError, match="columns.*qk_rope_head_dim"):
+        dsv4.qkv_proj_rope(**dict(d, rope_cos=d["rope_cos"][:, :32].copy(), rope_sin=d["rope_sin"][:, :32].copy()))
+    dec = small_inputs("decode_qkv_proj_rope")
+    with pytest.raises(ValueError, match="rope_cos.*B\\*S"):
+        dsv4.decode_qkv_proj_rope(**dict(dec, rope_cos=dec["rope_cos"][:-1].copy(), rope_sin=dec["rope_sin"][:-1].copy()))
+
+
+@pytest.mark.parametrize("start_pos", [-1, 8192 - 2, 8192, 10**6])
+def test_start_pos_out_of_range(start_pos):
+    d = dsv4.specs.prefill_qkv_proj_rope(B=1, S=3, seed=0)
+    for fn in (dsv4.prefill_qkv_proj_rope, dsv4.golden.prefill_qkv_proj_rope):
+        with pytest.raises(ValueError, match=f"start_pos = {start_pos}"):
+            fn(**dict(d, start_pos=start_pos))
+
+
+def test_start_pos_must_be_an_integer():
+    d = dsv4.specs.prefill_qkv_proj_rope(B=1, S=3, seed=0)
+    with pytest.raises(TypeError, match="start_pos"):
+        dsv4.prefill_qkv_proj_rope(**dict(d, start_pos=1.5))
+    out = dsv4.prefill_qkv_proj_rope(**dict(d, start_pos=np.asarray(5, np.int32)))
+    ref = dsv4.prefill_qkv_proj_rope(**dict(d, start_pos=5))
+    assert same_bits(out["q"], ref["q"])
+
+
+def test_wq_b_scale_in_pypto_layout():
+    # PR #374 stores wq_b_scale as [256, 128]; any shape of H*HD elements is accepted
+    d = dsv4.specs.prefill_qkv_proj_rope(B=1, S=2, seed=0)
+    flat = dsv4.prefill_qkv_proj_rope(**d)
+    tiled = dsv4.prefill_qkv_proj_rope(**dict(d, wq_b_scale=d["wq_b_scale"].reshape(256, 128)))
+    assert same_bits(flat["q"], tiled["q"])
+
+
+def test_unused_selectors_are_accepted_and_checked():
+    d = small_inputs("decode_qkv_proj_rope")
+    sel = np.zeros((32, 64), ml_dtypes.bfloat16)
+    out = dsv4.decode_qkv_proj_rope(**d, even_select_t=sel, odd_select_t=sel)
+    assert same_bits(out["q"], dsv4.decode_qkv_proj_rope(**d)["q"])
+    with pytest.raises(TypeError, match="even_select_t"):
+        dsv4.decode_qkv_proj_rope(**d, even_select_t=sel.astype(np.float32))
+
+
+def test_config_by_name_and_bad_config():
+    d = small_inputs("rms_norm")
+    assert same_bits(dsv4.rms_norm(**d, config="flash")["x_normed"], dsv4.rms_norm(**d)["x_normed"])
+    with pytest.raises(ValueError, match="nope"):
+        dsv4.rms_norm(**d, config="nope")
+
+
+def test_set_num_threads_rejects_nonsense():
+    with pytest.raises(ValueError, match="n must be"):
+        dsv4.set_num_threads(0)
+    with pytest.raises(ValueError, match="isa"):
+        dsv4.set_isa("sse9")
