@@ -9,6 +9,9 @@ from .compare import Report, compare_outputs
 
 
 def _timed(fn, kwargs, repeat):
+    # BLAS threads of a previous golden spin for a while; timing the kernel
+    # while they do would measure the scheduler, not the kernel
+    time.sleep(0.2)
     times, out = [], None
     for _ in range(max(1, repeat)):
         t0 = time.perf_counter()

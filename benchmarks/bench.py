@@ -1,0 +1,60 @@
+"""Time every kernel's C implementation and its NumPy golden in one run.
+
+    python benchmarks/bench.py [kernel ...] [--repeat 5] [--threads N] [--markdown]
+
+For each kernel and deployment case (dsv4.specs.CASES): median wall time of
+the C kernel and of the golden over --repeat runs on the same inputs, and the
+ratio golden / C.
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import dsv4
+
+
+def median_ms(fn, kwargs, repeat):
+    # NumPy's BLAS threads spin for a while after a golden; let them go idle so
+    # that they do not take time slices from the kernel being timed.
+    time.sleep(0.3)
+    fn(**kwargs)                      # warm-up: thread pool, page faults, caches
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(**kwargs)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kernels", nargs="*")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = ap.parse_args(argv)
+    if args.threads:
+        dsv4.set_num_threads(args.threads)
+    names = args.kernels or sorted(dsv4.KERNELS)
+    print(f"# dsv4 {dsv4.__version__}: {dsv4.get_num_threads()} threads, isa {dsv4.get_isa()}, "
+          f"median of {args.repeat}", flush=True)
+    rows = []
+    for name in names:
+        for case, params in dsv4.specs.CASES[name].items():
+            inputs = getattr(dsv4.specs, name)(**params)
+            c_ms = median_ms(dsv4.KERNELS[name], inputs, args.repeat)
+            g_ms = median_ms(getattr(dsv4.golden, name), inputs, args.repeat)
+            shape = " ".join(f"{k}={v}" for k, v in params.items())
+            rows.append((name, case, shape, c_ms, g_ms))
+            print(f"{name:24s} {case:14s} {shape:26s} C {c_ms:9.2f} ms  golden {g_ms:9.2f} ms  "
+                  f"x{g_ms / c_ms:6.1f}", flush=True)
+    if args.markdown:
+        print("\n| kernel | case | C ms | NumPy golden ms | golden / C |\n|---|---|---:|---:|---:|")
+        for name, case, shape, c, g in rows:
+            print(f"| `{name}` | {case} ({shape}) | {c:.2f} | {g:.1f} | {g / c:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
