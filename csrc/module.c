@@ -100,6 +100,51 @@ static const struct scalar_spec prefill_qkv_scalars[] = {
     {"qk_rope_head_dim", SC_INT, QKV(qk_rope_head_dim), 1, 0, 0.0},
     {0}};
 
+#define HCP(f) offsetof(struct dsv4_hc_pre_args, f)
+static const struct dim_spec hc_pre_dims[] = {
+    {"T", HCP(T)}, {"HC", HCP(HC)}, {"D", HCP(D)}, {"MIX", HCP(MIX)}, {"K", HCP(K)},
+    {"HC2", HCP(HC2)}, {0}};
+static const struct arg_spec hc_pre_args[] = {
+    {"x", DSV4_BF16, "T,HC,D", IN, 0, HCP(x)},
+    {"hc_fn", DSV4_F32, "MIX,K", IN, 0, HCP(hc_fn)},
+    {"hc_scale", DSV4_F32, "3", IN, 0, HCP(hc_scale)},
+    {"hc_base", DSV4_F32, "MIX", IN, 0, HCP(hc_base)},
+    {"x_mixed", DSV4_BF16, "T,D", OUT, 0, HCP(x_mixed)},
+    {"post", DSV4_F32, "T,HC", OUT, 0, HCP(post)},
+    {"comb", DSV4_F32, "T,HC2", OUT, 0, HCP(comb)},
+    {0}};
+static const struct scalar_spec hc_pre_scalars[] = {
+    {"rms_norm_eps", SC_FLOAT, HCP(rms_norm_eps), 1, 0, 0.0},
+    {"hc_eps", SC_FLOAT, HCP(hc_eps), 1, 0, 0.0},
+    {"hc_sinkhorn_iters", SC_INT, HCP(hc_sinkhorn_iters), 1, 0, 0.0},
+    {0}};
+
+#define HCO(f) offsetof(struct dsv4_hc_post_args, f)
+static const struct dim_spec hc_post_dims[] = {
+    {"T", HCO(T)}, {"HC", HCO(HC)}, {"D", HCO(D)}, {"HC2", HCO(HC2)}, {0}};
+static const struct arg_spec hc_post_args[] = {
+    {"x", DSV4_BF16, "T,D", IN, 0, HCO(x)},
+    {"residual", DSV4_BF16, "T,HC,D", IN, 0, HCO(residual)},
+    {"post", DSV4_F32, "T,HC", IN, 0, HCO(post)},
+    {"comb", DSV4_F32, "T,HC2", IN, 0, HCO(comb)},
+    {"y", DSV4_BF16, "T,HC,D", OUT, 0, HCO(y)},
+    {0}};
+
+#define HCH(f) offsetof(struct dsv4_hc_head_args, f)
+static const struct dim_spec hc_head_dims[] = {
+    {"T", HCH(T)}, {"HC", HCH(HC)}, {"D", HCH(D)}, {"K", HCH(K)}, {0}};
+static const struct arg_spec hc_head_args[] = {
+    {"x_hc", DSV4_BF16, "T,HC,D", IN, 0, HCH(x_hc)},
+    {"hc_head_fn", DSV4_F32, "HC,K", IN, 0, HCH(hc_head_fn)},
+    {"hc_head_scale", DSV4_F32, "1", IN, 0, HCH(hc_head_scale)},
+    {"hc_head_base", DSV4_F32, "HC", IN, 0, HCH(hc_head_base)},
+    {"y", DSV4_BF16, "T,D", OUT, 0, HCH(y)},
+    {0}};
+static const struct scalar_spec hc_head_scalars[] = {
+    {"rms_norm_eps", SC_FLOAT, HCH(rms_norm_eps), 1, 0, 0.0},
+    {"hc_eps", SC_FLOAT, HCH(hc_eps), 1, 0, 0.0},
+    {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -168,6 +213,19 @@ static const struct kernel_spec kernels[] = {
         "row. start_pos + S beyond the tables is a ValueError.",
         0, DSV4_QKV_PREFILL, dsv4_qkv_proj_rope_args, prefill_qkv_args, prefill_qkv_scalars,
         qkv_dims, dsv4_qkv_proj_rope),
+    ROW("hc_pre",
+        "Hyper-connection pre-mix: 24 logits from an RMS-normalised projection of the HC streams "
+        "give the stream weights pre (collapsed into x_mixed, ties-away bf16), post and the "
+        "Sinkhorn-normalised comb that hc_post uses.",
+        0, 0, dsv4_hc_pre_args, hc_pre_args, hc_pre_scalars, hc_pre_dims, dsv4_hc_pre),
+    ROW("hc_post",
+        "Hyper-connection post-mix: y[t, o] = bf16(x[t] * post[t, o] + sum_i residual[t, i] * "
+        "comb[t, HC*i + o]), summed in that order.",
+        0, 0, dsv4_hc_post_args, hc_post_args, no_scalars, hc_post_dims, dsv4_hc_post),
+    ROW("hc_head",
+        "Hyper-connection head: the HC streams collapsed by sigmoid weights, pairwise, into "
+        "y [T, D] (ties-away bf16). Any T.",
+        0, 0, dsv4_hc_head_args, hc_head_args, hc_head_scalars, hc_head_dims, dsv4_hc_head),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",

@@ -14,29 +14,14 @@ static float tree16(float acc[LANES])
     return acc[0];
 }
 
-float dsv4_sum_sq(const float *v, int64_t n)
-{
-    float acc[LANES] = {0};
-    int64_t k = 0;
-    for (; k + LANES <= n; k += LANES)
-        for (int l = 0; l < LANES; l++)
-            acc[l] += v[k + l] * v[k + l];
-    /* The tail is zero-padded to a full vector so that every ISA sees the same adds. */
-    if (k < n)
-        for (int l = 0; l < LANES; l++) {
-            float x = k + l < n ? v[k + l] : 0.0f;
-            acc[l] += x * x;
-        }
-    return tree16(acc);
-}
-
-float dsv4_dot_f32(const float *a, const float *b, int64_t n)
+static float dot_scalar(const float *a, const float *b, int64_t n)
 {
     float acc[LANES] = {0};
     int64_t k = 0;
     for (; k + LANES <= n; k += LANES)
         for (int l = 0; l < LANES; l++)
             acc[l] += a[k + l] * b[k + l];
+    /* The tail is zero-padded to a full vector so that every ISA sees the same adds. */
     if (k < n)
         for (int l = 0; l < LANES; l++) {
             float x = k + l < n ? a[k + l] : 0.0f, y = k + l < n ? b[k + l] : 0.0f;
@@ -44,6 +29,83 @@ float dsv4_dot_f32(const float *a, const float *b, int64_t n)
         }
     return tree16(acc);
 }
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx512f,avx512vl"))) static float reduce16(__m512 acc);
+/* Lane l of the register is acc[l] above; the reduction is the same tree. */
+__attribute__((target("avx512f,avx512vl"))) static float dot_avx512(const float *a, const float *b,
+                                                                    int64_t n)
+{
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k)));
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + k),
+                                               _mm512_maskz_loadu_ps(m, b + k)));
+    }
+    return reduce16(acc);
+}
+#endif
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl"))) static float reduce16(__m512 acc)
+{
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+
+/* Eight dot products sharing x: independent chains, each in the canonical order. */
+__attribute__((target("avx512f,avx512vl"))) static void dot8_avx512(const float *x, const float *W,
+                                                                    int64_t ldw, int64_t n, float *out)
+{
+    __m512 acc[8];
+    for (int r = 0; r < 8; r++)
+        acc[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) {
+        __m512 xv = _mm512_loadu_ps(x + k);
+        for (int r = 0; r < 8; r++)
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(xv, _mm512_loadu_ps(W + r * ldw + k)));
+    }
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int r = 0; r < 8; r++)
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(m, W + r * ldw + k)));
+    }
+    for (int r = 0; r < 8; r++)
+        out[r] = reduce16(acc[r]);
+}
+#endif
+
+void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, int64_t n, float *out)
+{
+    int64_t m = 0;
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AVX512)
+        for (; m + 8 <= M; m += 8)
+            dot8_avx512(x, W + m * ldw, ldw, n, out + m);
+#endif
+    for (; m < M; m++)
+        out[m] = dsv4_dot_f32(x, W + m * ldw, n);
+}
+
+float dsv4_dot_f32(const float *a, const float *b, int64_t n)
+{
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AVX512)
+        return dot_avx512(a, b, n);
+#endif
+    return dot_scalar(a, b, n);
+}
+
+float dsv4_sum_sq(const float *v, int64_t n) { return dsv4_dot_f32(v, v, n); }
 
 float dsv4_rms_inv(const float *v, int64_t n, float eps)
 {

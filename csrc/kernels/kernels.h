@@ -58,6 +58,57 @@ struct dsv4_qkv_proj_rope_args {
 int dsv4_qkv_proj_rope_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 void dsv4_qkv_proj_rope(void *a);
 
+/* ---- hyper-connections (spec 01 §6-§8). K = HC*D, MIX = (2+HC)*HC.
+ *   mix[t, m]  = (sum over 256-chunks, in order, of x[t] . fn[m]) * rsqrt(ss[t]/K + eps),
+ *                ss = sum over 512-chunks, in order, of x[t]^2
+ *   hc_pre:  pre = sigmoid(.)+eps, post = 2 sigmoid(.), comb = Sinkhorn(softmax(.)),
+ *            x_mixed[t, d] = bf16_haz(sum_h, in order, x[t, h, d] * pre[t, h])
+ *   hc_post: y[t, o, d] = bf16(x[t, d] post[t, o] + sum_i residual[t, i, d] comb[t, HC i + o])
+ *   hc_head: y[t, d] = bf16_haz(pairwise sum_h x[t, h, d] * pre[t, h]) */
+struct dsv4_hc_pre_args {
+    const bf16_t *x;          /* [T, HC, D] */
+    const float *hc_fn;       /* [MIX, K] */
+    const float *hc_scale;    /* [3] */
+    const float *hc_base;     /* [MIX] */
+    bf16_t *x_mixed;          /* [T, D] */
+    float *post;              /* [T, HC] */
+    float *comb;              /* [T, HC*HC] */
+    int64_t T, HC, D, MIX, K, HC2;
+    int64_t hc_sinkhorn_iters;
+    float rms_norm_eps, hc_eps;
+    int variant;
+    void *scratch;
+};
+int dsv4_hc_pre_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_hc_pre(void *a);
+
+struct dsv4_hc_post_args {
+    const bf16_t *x;          /* [T, D] */
+    const bf16_t *residual;   /* [T, HC, D] */
+    const float *post;        /* [T, HC] */
+    const float *comb;        /* [T, HC*HC] */
+    bf16_t *y;                /* [T, HC, D] */
+    int64_t T, HC, D, HC2;
+    int variant;
+    void *scratch;
+};
+int dsv4_hc_post_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_hc_post(void *a);
+
+struct dsv4_hc_head_args {
+    const bf16_t *x_hc;       /* [T, HC, D] */
+    const float *hc_head_fn;  /* [HC, K] */
+    const float *hc_head_scale; /* [1] */
+    const float *hc_head_base;  /* [HC] */
+    bf16_t *y;                /* [T, D] */
+    int64_t T, HC, D, K;
+    float rms_norm_eps, hc_eps;
+    int variant;
+    void *scratch;
+};
+int dsv4_hc_head_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+void dsv4_hc_head(void *a);
+
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };
 struct dsv4_cast_args {

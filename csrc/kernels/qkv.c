@@ -78,7 +78,7 @@ int dsv4_qkv_proj_rope_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     } else if (a->variant == DSV4_QKV_DECODE) {
         if (a->T != a->B * a->S) {
             snprintf(e->msg, sizeof e->msg,
-                     "rope_cos has %lld rows; expected one per token, B*S = %lld",
+                     "argument 'rope_cos' has %lld rows; expected one per token, B*S = %lld (from 'x')",
                      (long long)a->T, (long long)(a->B * a->S));
             return DSV4_EVALUE;
         }
@@ -102,13 +102,13 @@ int dsv4_qkv_proj_rope_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     }
     if (a->RW != R) {
         snprintf(e->msg, sizeof e->msg,
-                 "rope tables have %lld columns; expected qk_rope_head_dim = %lld",
+                 "the rope tables have %lld columns; expected qk_rope_head_dim = %lld",
                  (long long)a->RW, (long long)R);
         return DSV4_EVALUE;
     }
     if (a->HHD % a->HD) {
         snprintf(e->msg, sizeof e->msg,
-                 "wq_b has %lld columns; expected a multiple of head_dim = %lld (gamma_ckv)",
+                 "argument 'wq_b' has %lld columns; expected a multiple of head_dim = %lld (from 'wkv')",
                  (long long)a->HHD, (long long)a->HD);
         return DSV4_EVALUE;
     }

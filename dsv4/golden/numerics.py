@@ -131,3 +131,44 @@ def rope_interleaved(v, cos, sin, inverse=False):
     out[..., 0::2] = bf16_rne(even)
     out[..., 1::2] = bf16_rne(odd)
     return out
+
+
+def exp32(z):
+    """fp32 exp, computed in double and rounded once (the C kernels do the same)."""
+    return np.exp(f32(z).astype(np.float64)).astype(np.float32)
+
+
+def sigmoid(z):
+    """torch.sigmoid on the CPU: 1 / (1 + exp(-z)), each step rounded to fp32."""
+    return F32(1.0) / (F32(1.0) + exp32(-f32(z)))
+
+
+def softmax_last(z):
+    """torch.softmax over a short last axis: exp(z - max), a sequential sum, then
+    multiplication by the reciprocal of the sum (not a division)."""
+    z = f32(z)
+    e = exp32(z - np.max(z, axis=-1, keepdims=True))
+    s = e[..., 0]
+    for j in range(1, e.shape[-1]):
+        s = s + e[..., j]
+    return e * (F32(1.0) / s)[..., None]
+
+
+def chunked_sum_sq(v, chunk):
+    """Sum of squares over the last axis: chunk sums (inner order free), added
+    sequentially from chunk 0."""
+    n = v.shape[-1]
+    acc = np.zeros(v.shape[:-1], np.float32)
+    for k0 in range(0, n, chunk):
+        c = v[..., k0:k0 + chunk]
+        acc = acc + np.sum(c * c, axis=-1, dtype=np.float32)
+    return acc
+
+
+def chunked_matvec(v, w, chunk):
+    """v [T, K] @ w[M, K].T with K cut into chunks whose partial products are
+    added sequentially from chunk 0 (the order pypto-lib's HC goldens fix)."""
+    acc = np.zeros((v.shape[0], w.shape[0]), np.float32)
+    for k0 in range(0, v.shape[-1], chunk):
+        acc = acc + np.matmul(v[:, k0:k0 + chunk], w[:, k0:k0 + chunk].T)
+    return acc

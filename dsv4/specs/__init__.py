@@ -4,11 +4,12 @@ keyed by pypto-lib's tensor names, ready for dsv4.<kernel>(**inputs).
 Also, per kernel, pypto-lib's comparator for each output (COMPARATORS) and the
 deployment cases `python -m dsv4 check` runs (CASES).
 """
-from . import qkv
+from . import hc, qkv
+from .hc import hc_head, hc_post, hc_pre
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
-COMPARATORS = {**qkv.COMPARATORS}
-CASES = {**qkv.CASES}
+COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS}
+CASES = {**qkv.CASES, **hc.CASES}
 
 __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
-           "COMPARATORS", "CASES"]
+           "hc_pre", "hc_post", "hc_head", "COMPARATORS", "CASES"]

@@ -1,0 +1,218 @@
+/* Hyper-connection kernels: hc_pre, hc_post, hc_head (spec chapter 01 §6-§8).
+ * Work is split by token; each token's values are computed by one thread in
+ * the golden's order. */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+
+#include "kernels/kernels.h"
+
+#define RMS_K_CHUNK 512
+#define LINEAR_K_CHUNK 256
+#define MAX_HC 16
+
+static float exp32(float z) { return (float)exp((double)z); }
+static float sigmoid32(float z) { return 1.0f / (1.0f + exp32(-z)); }
+
+/* mix[m] = (chunked x . fn[m]) * rsqrt(chunked ss / K + eps); xf is one token's K values */
+static void hc_mix(const float *xf, const float *fn, int64_t M, int64_t K, float eps, float *mix)
+{
+    float ss = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += RMS_K_CHUNK)
+        ss = ss + dsv4_sum_sq(xf + k0, K - k0 < RMS_K_CHUNK ? K - k0 : RMS_K_CHUNK);
+    float r = 1.0f / sqrtf(ss * (1.0f / (float)K) + eps);
+    float part[64];
+    for (int64_t m = 0; m < M; m++)
+        mix[m] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += LINEAR_K_CHUNK)
+        for (int64_t m0 = 0; m0 < M; m0 += 64) {
+            int64_t mb = M - m0 < 64 ? M - m0 : 64;
+            dsv4_dot_f32_rows(xf + k0, fn + m0 * K + k0, K, mb,
+                              K - k0 < LINEAR_K_CHUNK ? K - k0 : LINEAR_K_CHUNK, part);
+            for (int64_t m = 0; m < mb; m++)
+                mix[m0 + m] = mix[m0 + m] + part[m];
+        }
+    for (int64_t m = 0; m < M; m++)
+        mix[m] = mix[m] * r;
+}
+
+static int check_hc(int64_t HC, int64_t D, int64_t K, const char *fn, const char *x,
+                    struct dsv4_err *e)
+{
+    if (HC > MAX_HC || K != HC * D) {
+        snprintf(e->msg, sizeof e->msg,
+                 "argument '%s' has %lld columns; expected HC * D = %lld * %lld (from '%s'), HC <= %d",
+                 fn, (long long)K, (long long)HC, (long long)D, x, MAX_HC);
+        return DSV4_EVALUE;
+    }
+    return DSV4_OK;
+}
+
+/* ---- hc_pre --------------------------------------------------------------- */
+
+int dsv4_hc_pre_prepare(void *p, struct dsv4_err *e, size_t *scratch)
+{
+    struct dsv4_hc_pre_args *a = p;
+    if (check_hc(a->HC, a->D, a->K, "hc_fn", "x", e))
+        return DSV4_EVALUE;
+    if (a->MIX != (2 + a->HC) * a->HC) {
+        snprintf(e->msg, sizeof e->msg, "argument 'hc_fn' has %lld rows; expected (2 + HC) * HC = %lld (HC from 'x')",
+                 (long long)a->MIX, (long long)((2 + a->HC) * a->HC));
+        return DSV4_EVALUE;
+    }
+    if (a->hc_sinkhorn_iters < 1) {
+        snprintf(e->msg, sizeof e->msg, "hc_sinkhorn_iters = %lld must be >= 1",
+                 (long long)a->hc_sinkhorn_iters);
+        return DSV4_EVALUE;
+    }
+    a->HC2 = a->HC * a->HC;
+    *scratch = (size_t)dsv4_num_threads() * (a->K + a->MIX) * sizeof(float);
+    return DSV4_OK;
+}
+
+/* softmax over each row (+eps), a column pass, then (iters-1) row/column pairs */
+static void sinkhorn(float *c, int64_t n, int64_t iters, float eps)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float *row = c + i * n, m = row[0], s = 0.0f;
+        for (int64_t j = 1; j < n; j++)
+            m = row[j] > m ? row[j] : m;
+        for (int64_t j = 0; j < n; j++) {
+            row[j] = exp32(row[j] - m);
+            s = j ? s + row[j] : row[j];
+        }
+        float r = 1.0f / s;
+        for (int64_t j = 0; j < n; j++)
+            row[j] = row[j] * r + eps;
+    }
+    for (int64_t it = 0; it < iters; it++) {
+        if (it > 0)
+            for (int64_t i = 0; i < n; i++) {
+                float s = c[i * n];
+                for (int64_t j = 1; j < n; j++)
+                    s = s + c[i * n + j];
+                for (int64_t j = 0; j < n; j++)
+                    c[i * n + j] = c[i * n + j] / (s + eps);
+            }
+        for (int64_t j = 0; j < n; j++) {
+            float s = c[j];
+            for (int64_t i = 1; i < n; i++)
+                s = s + c[i * n + j];
+            for (int64_t i = 0; i < n; i++)
+                c[i * n + j] = c[i * n + j] / (s + eps);
+        }
+    }
+}
+
+void dsv4_hc_pre(void *p)
+{
+    const struct dsv4_hc_pre_args *a = p;
+    const int64_t HC = a->HC, D = a->D, K = a->K;
+    #pragma omp parallel num_threads(dsv4_num_threads())
+    {
+        int ith = omp_get_thread_num(), nth = omp_get_num_threads();
+        float *xf = (float *)a->scratch + (size_t)ith * (K + a->MIX), *mix = xf + K;
+        for (int64_t t = ith; t < a->T; t += nth) {
+            dsv4_bf16_row_to_f32(a->x + t * K, K, xf);
+            hc_mix(xf, a->hc_fn, a->MIX, K, a->rms_norm_eps, mix);
+            float pre[MAX_HC];
+            for (int64_t h = 0; h < HC; h++) {
+                pre[h] = sigmoid32(mix[h] * a->hc_scale[0] + a->hc_base[h]) + a->hc_eps;
+                a->post[t * HC + h] = 2.0f * sigmoid32(mix[HC + h] * a->hc_scale[1] + a->hc_base[HC + h]);
+            }
+            float *c = a->comb + t * a->HC2;
+            for (int64_t m = 0; m < a->HC2; m++)
+                c[m] = mix[2 * HC + m] * a->hc_scale[2] + a->hc_base[2 * HC + m];
+            sinkhorn(c, HC, a->hc_sinkhorn_iters, a->hc_eps);
+            for (int64_t d = 0; d < D; d++) {
+                float y = 0.0f;
+                for (int64_t h = 0; h < HC; h++)
+                    y = y + xf[h * D + d] * pre[h];
+                a->x_mixed[t * D + d] = dsv4_f32_to_bf16_haz(y);
+            }
+        }
+    }
+}
+
+/* ---- hc_post --------------------------------------------------------------- */
+
+int dsv4_hc_post_prepare(void *p, struct dsv4_err *e, size_t *scratch)
+{
+    struct dsv4_hc_post_args *a = p;
+    if (a->HC > MAX_HC || a->HC2 != a->HC * a->HC) {
+        snprintf(e->msg, sizeof e->msg, "argument 'comb' has %lld columns; expected HC * HC = %lld (HC from 'residual'), HC <= %d",
+                 (long long)a->HC2, (long long)(a->HC * a->HC), MAX_HC);
+        return DSV4_EVALUE;
+    }
+    *scratch = 0;
+    return DSV4_OK;
+}
+
+void dsv4_hc_post(void *p)
+{
+    const struct dsv4_hc_post_args *a = p;
+    const int64_t HC = a->HC, D = a->D;
+    #pragma omp parallel for schedule(static) num_threads(dsv4_num_threads())
+    for (int64_t u = 0; u < a->T * HC; u++) {
+        int64_t t = u / HC, o = u % HC;
+        const bf16_t *x = a->x + t * D, *res = a->residual + t * HC * D;
+        float po = a->post[t * HC + o], cw[MAX_HC];
+        for (int64_t i = 0; i < HC; i++)
+            cw[i] = a->comb[t * a->HC2 + i * HC + o];
+        bf16_t *y = a->y + (t * HC + o) * D;
+        float acc[256];
+        for (int64_t d0 = 0; d0 < D; d0 += 256) {     /* blocks of d, loops the compiler vectorises */
+            int64_t nd = D - d0 < 256 ? D - d0 : 256;
+            for (int64_t d = 0; d < nd; d++)
+                acc[d] = dsv4_bf16_to_f32(x[d0 + d]) * po;
+            for (int64_t i = 0; i < HC; i++)
+                for (int64_t d = 0; d < nd; d++)
+                    acc[d] = acc[d] + dsv4_bf16_to_f32(res[i * D + d0 + d]) * cw[i];
+            for (int64_t d = 0; d < nd; d++)
+                y[d0 + d] = dsv4_f32_to_bf16(acc[d]);
+        }
+    }
+}
+
+/* ---- hc_head --------------------------------------------------------------- */
+
+int dsv4_hc_head_prepare(void *p, struct dsv4_err *e, size_t *scratch)
+{
+    struct dsv4_hc_head_args *a = p;
+    if (check_hc(a->HC, a->D, a->K, "hc_head_fn", "x_hc", e))
+        return DSV4_EVALUE;
+    if (a->HC & (a->HC - 1)) {
+        snprintf(e->msg, sizeof e->msg,
+                 "argument 'x_hc' has HC = %lld streams; the pairwise collapse needs a power of two",
+                 (long long)a->HC);
+        return DSV4_EVALUE;
+    }
+    *scratch = (size_t)dsv4_num_threads() * (a->K + a->HC) * sizeof(float);
+    return DSV4_OK;
+}
+
+void dsv4_hc_head(void *p)
+{
+    const struct dsv4_hc_head_args *a = p;
+    const int64_t HC = a->HC, D = a->D, K = a->K;
+    #pragma omp parallel num_threads(dsv4_num_threads())
+    {
+        int ith = omp_get_thread_num(), nth = omp_get_num_threads();
+        float *xf = (float *)a->scratch + (size_t)ith * (K + HC), *mix = xf + K;
+        for (int64_t t = ith; t < a->T; t += nth) {
+            dsv4_bf16_row_to_f32(a->x_hc + t * K, K, xf);
+            hc_mix(xf, a->hc_head_fn, HC, K, a->rms_norm_eps, mix);
+            float pre[MAX_HC], terms[MAX_HC];
+            for (int64_t h = 0; h < HC; h++)
+                pre[h] = sigmoid32(mix[h] * a->hc_head_scale[0] + a->hc_head_base[h]) + a->hc_eps;
+            for (int64_t d = 0; d < D; d++) {
+                for (int64_t h = 0; h < HC; h++)
+                    terms[h] = xf[h * D + d] * pre[h];
+                for (int64_t w = HC; w > 1; w /= 2)       /* pairwise: (t0+t1) + (t2+t3) */
+                    for (int64_t i = 0; i < w / 2; i++)
+                        terms[i] = terms[2 * i] + terms[2 * i + 1];
+                a->y[t * D + d] = dsv4_f32_to_bf16_haz(terms[0]);
+            }
+        }
+    }
+}
