@@ -58,7 +58,7 @@ def restore_isa():
 
 
 @pytest.fixture(params=["scalar", "avx512"])
-def isa(request):
+def each_isa(request):
     if request.param not in dsv4.available_isas():
         pytest.skip(f"{request.param} not available on this CPU")
     dsv4.set_isa(request.param)
@@ -430,7 +430,7 @@ def i8_ref(a, b):
 
 @pytest.mark.parametrize("M", [1, 3, 8, 13])
 @pytest.mark.parametrize("K", [1, 5, 64, 1024, 1100])
-def test_matmul_i8_exact(M, K, isa):
+def test_matmul_i8_exact(M, K, each_isa):
     rng = np.random.default_rng(M * 10007 + K)
     for N in (1, 17, 32, 100):
         a = rng.integers(-128, 128, (M, K)).astype(np.int8)
@@ -444,7 +444,7 @@ def test_matmul_i8_exact(M, K, isa):
 
 @pytest.mark.parametrize("K", [1, 5, 1023, 1024, 1025, 1100, 4096])
 @pytest.mark.parametrize("va,vb", [(-128, -128), (127, 127), (127, -128), (-128, 127)])
-def test_matmul_i8_extremes(K, va, vb, isa):
+def test_matmul_i8_extremes(K, va, vb, each_isa):
     M, N = 9, 33
     a = np.full((M, K), va, np.int8)
     b = np.full((K, N), vb, np.int8)
@@ -480,7 +480,7 @@ def seq_fma_ref(a, b):
 
 @pytest.mark.parametrize("M", [1, 3, 8, 13])
 @pytest.mark.parametrize("K", [1, 5, 64, 1100])
-def test_matmul_bf16(M, K, isa):
+def test_matmul_bf16(M, K, each_isa):
     rng = np.random.default_rng(M * 31 + K)
     for N in (1, 17, 32, 100):
         a, b = rand_bf16(rng, (M, K)), rand_bf16(rng, (K, N))
