@@ -147,7 +147,6 @@ void dsv4_qkv_proj_rope(void *p)
 
     const int64_t T = a->T, D = a->D, Q = a->Q, HD = a->HD, R = a->qk_rope_head_dim;
     const int64_t N = HD - R, Mp = dsv4_round_up(T, DSV4_GEMM_MR);
-    const int64_t lda = dsv4_gemm_i8_lda(Q);
     const float eps = a->rms_norm_eps;
 
     #pragma omp parallel num_threads(a->nth)
@@ -230,5 +229,4 @@ void dsv4_qkv_proj_rope(void *p)
             }
         }
     }
-    (void)lda;
 }
