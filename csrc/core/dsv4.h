@@ -57,6 +57,9 @@ float dsv4_sum_sq(const float *v, int64_t n);
 float dsv4_dot_f32(const float *a, const float *b, int64_t n);
 /* out[m] = dsv4_dot_f32(x, W + m*ldw, n) for m < M, bit for bit */
 void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, int64_t n, float *out);
+/* out[i*ldo + m] = dsv4_dot_f32(X + i*ldx, W + m*ldw, n) for i < NX, m < M, bit for bit */
+void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, int64_t ldw,
+                       int64_t M, int64_t n, float *out, int64_t ldo);
 
 /* 1/sqrt(mean(v^2) + eps), the torch.rsqrt form: sqrt and division each round once. */
 float dsv4_rms_inv(const float *v, int64_t n, float eps);

@@ -84,6 +84,61 @@ __attribute__((target("avx512f,avx512vl"))) static void dot8_avx512(const float 
 }
 #endif
 
+#if defined(__x86_64__)
+/* 4 x-rows by 4 w-rows: each w chunk is loaded once for four tokens. */
+__attribute__((target("avx512f,avx512vl"))) static void dot4x4_avx512(
+    const float *X, int64_t ldx, const float *W, int64_t ldw, int64_t n, float *out, int64_t ldo)
+{
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++)
+            acc[i][r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) {
+        __m512 w[4];
+        for (int r = 0; r < 4; r++)
+            w[r] = _mm512_loadu_ps(W + r * ldw + k);
+        for (int i = 0; i < 4; i++) {
+            __m512 xv = _mm512_loadu_ps(X + i * ldx + k);
+            for (int r = 0; r < 4; r++)
+                acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_mul_ps(xv, w[r]));
+        }
+    }
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
+        __m512 w[4];
+        for (int r = 0; r < 4; r++)
+            w[r] = _mm512_maskz_loadu_ps(m, W + r * ldw + k);
+        for (int i = 0; i < 4; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, X + i * ldx + k);
+            for (int r = 0; r < 4; r++)
+                acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_mul_ps(xv, w[r]));
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++)
+            out[i * ldo + r] = reduce16(acc[i][r]);
+}
+#endif
+
+void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, int64_t ldw,
+                       int64_t M, int64_t n, float *out, int64_t ldo)
+{
+    int64_t i0 = 0;
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AVX512)
+        for (; i0 + 4 <= NX; i0 += 4) {
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4)
+                dot4x4_avx512(X + i0 * ldx, ldx, W + m * ldw, ldw, n, out + i0 * ldo + m, ldo);
+            for (int64_t i = i0; i < i0 + 4; i++)
+                dsv4_dot_f32_rows(X + i * ldx, W + m * ldw, ldw, M - m, n, out + i * ldo + m);
+        }
+#endif
+    for (int64_t i = i0; i < NX; i++)
+        dsv4_dot_f32_rows(X + i * ldx, W, ldw, M, n, out + i * ldo);
+}
+
 void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, int64_t n, float *out)
 {
     int64_t m = 0;

@@ -14,26 +14,32 @@
 static float exp32(float z) { return (float)exp((double)z); }
 static float sigmoid32(float z) { return 1.0f / (1.0f + exp32(-z)); }
 
-/* mix[m] = (chunked x . fn[m]) * rsqrt(chunked ss / K + eps); xf is one token's K values */
-static void hc_mix(const float *xf, const float *fn, int64_t M, int64_t K, float eps, float *mix)
+#define TB 4                                   /* tokens sharing one pass over fn */
+#define MAX_MIX ((2 + MAX_HC) * MAX_HC)
+
+/* mix[i*M + m] = (chunked x_i . fn[m]) * rsqrt(chunked ss_i / K + eps) for the NX <= TB
+ * tokens whose K values are the rows of xf. Chunk sums are added in order, per token. */
+static void hc_mix(const float *xf, int64_t NX, const float *fn, int64_t M, int64_t K, float eps,
+                   float *mix)
 {
-    float ss = 0.0f;
-    for (int64_t k0 = 0; k0 < K; k0 += RMS_K_CHUNK)
-        ss = ss + dsv4_sum_sq(xf + k0, K - k0 < RMS_K_CHUNK ? K - k0 : RMS_K_CHUNK);
-    float r = 1.0f / sqrtf(ss * (1.0f / (float)K) + eps);
-    float part[64];
-    for (int64_t m = 0; m < M; m++)
-        mix[m] = 0.0f;
-    for (int64_t k0 = 0; k0 < K; k0 += LINEAR_K_CHUNK)
-        for (int64_t m0 = 0; m0 < M; m0 += 64) {
-            int64_t mb = M - m0 < 64 ? M - m0 : 64;
-            dsv4_dot_f32_rows(xf + k0, fn + m0 * K + k0, K, mb,
-                              K - k0 < LINEAR_K_CHUNK ? K - k0 : LINEAR_K_CHUNK, part);
-            for (int64_t m = 0; m < mb; m++)
-                mix[m0 + m] = mix[m0 + m] + part[m];
-        }
-    for (int64_t m = 0; m < M; m++)
-        mix[m] = mix[m] * r;
+    float part[TB * MAX_MIX], r[TB];
+    for (int64_t i = 0; i < NX; i++) {
+        float ss = 0.0f;
+        for (int64_t k0 = 0; k0 < K; k0 += RMS_K_CHUNK)
+            ss = ss + dsv4_sum_sq(xf + i * K + k0, K - k0 < RMS_K_CHUNK ? K - k0 : RMS_K_CHUNK);
+        r[i] = 1.0f / sqrtf(ss * (1.0f / (float)K) + eps);
+    }
+    for (int64_t j = 0; j < NX * M; j++)
+        mix[j] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += LINEAR_K_CHUNK) {
+        dsv4_dot_f32_grid(xf + k0, K, NX, fn + k0, K, M,
+                          K - k0 < LINEAR_K_CHUNK ? K - k0 : LINEAR_K_CHUNK, part, M);
+        for (int64_t j = 0; j < NX * M; j++)
+            mix[j] = mix[j] + part[j];
+    }
+    for (int64_t i = 0; i < NX; i++)
+        for (int64_t m = 0; m < M; m++)
+            mix[i * M + m] = mix[i * M + m] * r[i];
 }
 
 static int check_hc(int64_t HC, int64_t D, int64_t K, const char *fn, const char *x,
@@ -66,7 +72,7 @@ int dsv4_hc_pre_prepare(void *p, struct dsv4_err *e, size_t *scratch)
         return DSV4_EVALUE;
     }
     a->HC2 = a->HC * a->HC;
-    *scratch = (size_t)dsv4_num_threads() * (a->K + a->MIX) * sizeof(float);
+    *scratch = (size_t)dsv4_num_threads() * (TB * a->K + TB * a->MIX + a->D) * sizeof(float);
     return DSV4_OK;
 }
 
@@ -107,28 +113,37 @@ static void sinkhorn(float *c, int64_t n, int64_t iters, float eps)
 void dsv4_hc_pre(void *p)
 {
     const struct dsv4_hc_pre_args *a = p;
-    const int64_t HC = a->HC, D = a->D, K = a->K;
+    const int64_t HC = a->HC, D = a->D, K = a->K, MIX = a->MIX, nb = (a->T + TB - 1) / TB;
     #pragma omp parallel num_threads(dsv4_num_threads())
     {
         int ith = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *xf = (float *)a->scratch + (size_t)ith * (K + a->MIX), *mix = xf + K;
-        for (int64_t t = ith; t < a->T; t += nth) {
-            dsv4_bf16_row_to_f32(a->x + t * K, K, xf);
-            hc_mix(xf, a->hc_fn, a->MIX, K, a->rms_norm_eps, mix);
-            float pre[MAX_HC];
-            for (int64_t h = 0; h < HC; h++) {
-                pre[h] = sigmoid32(mix[h] * a->hc_scale[0] + a->hc_base[h]) + a->hc_eps;
-                a->post[t * HC + h] = 2.0f * sigmoid32(mix[HC + h] * a->hc_scale[1] + a->hc_base[HC + h]);
-            }
-            float *c = a->comb + t * a->HC2;
-            for (int64_t m = 0; m < a->HC2; m++)
-                c[m] = mix[2 * HC + m] * a->hc_scale[2] + a->hc_base[2 * HC + m];
-            sinkhorn(c, HC, a->hc_sinkhorn_iters, a->hc_eps);
-            for (int64_t d = 0; d < D; d++) {
-                float y = 0.0f;
+        float *xf = (float *)a->scratch + (size_t)ith * (TB * K + TB * MIX + D);
+        float *mixes = xf + TB * K, *y = mixes + TB * MIX;
+        for (int64_t b = ith; b < nb; b += nth) {
+            int64_t t0 = b * TB, nx = a->T - t0 < TB ? a->T - t0 : TB;
+            dsv4_bf16_row_to_f32(a->x + t0 * K, nx * K, xf);
+            hc_mix(xf, nx, a->hc_fn, MIX, K, a->rms_norm_eps, mixes);
+            for (int64_t i = 0; i < nx; i++) {
+                int64_t t = t0 + i;
+                const float *mix = mixes + i * MIX, *xt = xf + i * K;
+                float pre[MAX_HC];
+                for (int64_t h = 0; h < HC; h++) {
+                    pre[h] = sigmoid32(mix[h] * a->hc_scale[0] + a->hc_base[h]) + a->hc_eps;
+                    a->post[t * HC + h] =
+                        2.0f * sigmoid32(mix[HC + h] * a->hc_scale[1] + a->hc_base[HC + h]);
+                }
+                float *c = a->comb + t * a->HC2;
+                for (int64_t m = 0; m < a->HC2; m++)
+                    c[m] = mix[2 * HC + m] * a->hc_scale[2] + a->hc_base[2 * HC + m];
+                sinkhorn(c, HC, a->hc_sinkhorn_iters, a->hc_eps);
+                /* stream collapse, sequential from zero */
+                for (int64_t d = 0; d < D; d++)
+                    y[d] = 0.0f;
                 for (int64_t h = 0; h < HC; h++)
-                    y = y + xf[h * D + d] * pre[h];
-                a->x_mixed[t * D + d] = dsv4_f32_to_bf16_haz(y);
+                    for (int64_t d = 0; d < D; d++)
+                        y[d] = y[d] + xt[h * D + d] * pre[h];
+                for (int64_t d = 0; d < D; d++)
+                    a->x_mixed[t * D + d] = dsv4_f32_to_bf16_haz(y[d]);
             }
         }
     }
@@ -187,31 +202,36 @@ int dsv4_hc_head_prepare(void *p, struct dsv4_err *e, size_t *scratch)
                  (long long)a->HC);
         return DSV4_EVALUE;
     }
-    *scratch = (size_t)dsv4_num_threads() * (a->K + a->HC) * sizeof(float);
+    *scratch = (size_t)dsv4_num_threads() * (TB * a->K + TB * a->HC) * sizeof(float);
     return DSV4_OK;
 }
 
 void dsv4_hc_head(void *p)
 {
     const struct dsv4_hc_head_args *a = p;
-    const int64_t HC = a->HC, D = a->D, K = a->K;
+    const int64_t HC = a->HC, D = a->D, K = a->K, nb = (a->T + TB - 1) / TB;
     #pragma omp parallel num_threads(dsv4_num_threads())
     {
         int ith = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *xf = (float *)a->scratch + (size_t)ith * (K + HC), *mix = xf + K;
-        for (int64_t t = ith; t < a->T; t += nth) {
-            dsv4_bf16_row_to_f32(a->x_hc + t * K, K, xf);
-            hc_mix(xf, a->hc_head_fn, HC, K, a->rms_norm_eps, mix);
-            float pre[MAX_HC], terms[MAX_HC];
-            for (int64_t h = 0; h < HC; h++)
-                pre[h] = sigmoid32(mix[h] * a->hc_head_scale[0] + a->hc_head_base[h]) + a->hc_eps;
-            for (int64_t d = 0; d < D; d++) {
+        float *xf = (float *)a->scratch + (size_t)ith * (TB * K + TB * HC), *mixes = xf + TB * K;
+        for (int64_t b = ith; b < nb; b += nth) {
+            int64_t t0 = b * TB, nx = a->T - t0 < TB ? a->T - t0 : TB;
+            dsv4_bf16_row_to_f32(a->x_hc + t0 * K, nx * K, xf);
+            hc_mix(xf, nx, a->hc_head_fn, HC, K, a->rms_norm_eps, mixes);
+            for (int64_t i = 0; i < nx; i++) {
+                const float *xt = xf + i * K;
+                float pre[MAX_HC], terms[MAX_HC];
                 for (int64_t h = 0; h < HC; h++)
-                    terms[h] = xf[h * D + d] * pre[h];
-                for (int64_t w = HC; w > 1; w /= 2)       /* pairwise: (t0+t1) + (t2+t3) */
-                    for (int64_t i = 0; i < w / 2; i++)
-                        terms[i] = terms[2 * i] + terms[2 * i + 1];
-                a->y[t * D + d] = dsv4_f32_to_bf16_haz(terms[0]);
+                    pre[h] = sigmoid32(mixes[i * HC + h] * a->hc_head_scale[0] + a->hc_head_base[h]) +
+                             a->hc_eps;
+                for (int64_t d = 0; d < D; d++) {
+                    for (int64_t h = 0; h < HC; h++)
+                        terms[h] = xt[h * D + d] * pre[h];
+                    for (int64_t w = HC; w > 1; w /= 2)       /* pairwise: (t0+t1) + (t2+t3) */
+                        for (int64_t j = 0; j < w / 2; j++)
+                            terms[j] = terms[2 * j] + terms[2 * j + 1];
+                    a->y[(t0 + i) * D + d] = dsv4_f32_to_bf16_haz(terms[0]);
+                }
             }
         }
     }
