@@ -481,6 +481,29 @@ static int set_scalar(const struct kernel_spec *k, const struct scalar_spec *ss,
     return 0;
 }
 
+/* An output buffer given by the caller must be writeable and must not overlap an input. */
+static int check_output(const struct kernel_spec *k, int j, PyObject *const *tv)
+{
+    PyArrayObject *out = (PyArrayObject *)tv[j];
+    if (!PyArray_ISWRITEABLE(out)) {
+        PyErr_Format(PyExc_ValueError, "%s: output '%s' is read-only", k->name, k->args[j].name);
+        return -1;
+    }
+    char *lo = PyArray_DATA(out), *hi = lo + PyArray_NBYTES(out);
+    for (int i = 0; k->args[i].name; i++) {
+        if (i == j || !tv[i])
+            continue;
+        PyArrayObject *a = (PyArrayObject *)tv[i];
+        char *alo = PyArray_DATA(a), *ahi = alo + PyArray_NBYTES(a);
+        if (alo < hi && lo < ahi) {
+            PyErr_Format(PyExc_ValueError, "%s: output '%s' overlaps argument '%s'", k->name,
+                         k->args[j].name, k->args[i].name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* ---- call_kernel ------------------------------------------------------------ */
 
 #define MAXARGS 32
@@ -503,7 +526,7 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
         PyObject *kn = PyTuple_GET_ITEM(kwnames, i);
         int found = 0;
         for (int j = 0; j < nt && !found; j++)
-            if (k->args[j].role != OUT && !PyUnicode_CompareWithASCIIString(kn, k->args[j].name)) {
+            if (!PyUnicode_CompareWithASCIIString(kn, k->args[j].name)) {
                 tv[j] = pos[i];
                 found = 1;
             }
@@ -576,6 +599,13 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
         const struct arg_spec *as = &k->args[j];
         if (as->role != OUT)
             continue;
+        if (tv[j]) {                      /* caller's buffer, written in place */
+            if (check_array(k, as, tv[j], st, bound_by) || check_output(k, j, tv))
+                goto done;
+            outs[j] = Py_NewRef(tv[j]);
+            *(void **)(st + as->off) = PyArray_DATA((PyArrayObject *)outs[j]);
+            continue;
+        }
         int ax[MAXRANK];
         int rank = parse_dims(k, as->dims, ax);
         npy_intp shape[MAXRANK];

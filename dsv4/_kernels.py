@@ -29,6 +29,7 @@ def _make(row):
     params += [P(a["name"], P.POSITIONAL_OR_KEYWORD, default=None) for a in ins if a["optional"]]
     params += [P(s["name"], P.POSITIONAL_OR_KEYWORD,
                  default=s["default"] if s["has_default"] else P.empty) for s in user_scalars]
+    params += [P(a["name"], P.KEYWORD_ONLY, default=None) for a in outs]
     if from_config:
         params.append(P("config", P.KEYWORD_ONLY, default=None))
     sig = inspect.Signature(params)
@@ -52,6 +53,9 @@ def _make(row):
     if from_config:
         lines += ["config : str or DeepSeekV4Config, default 'flash'",
                   f"    Supplies {', '.join(from_config)}."]
+    for a in outs:
+        lines.append(f"{a['name']} : {_describe(a)}, optional")
+    lines.append("    Output buffers to write in place (as pypto-lib's goldens do); allocated if not given.")
     lines += ["", "Returns", "-------", "dict"]
     lines += [f"    {a['name']} : {_describe(a)}" for a in outs]
     lines += ["", f"The NumPy golden is dsv4.golden.{row['name']}; inputs: dsv4.specs.{row['name']}."]

@@ -263,3 +263,64 @@ def test_set_num_threads_rejects_nonsense():
         dsv4.set_num_threads(0)
     with pytest.raises(ValueError, match="isa"):
         dsv4.set_isa("sse9")
+
+
+# ---- output buffers (pypto-lib's pre-allocated outputs) ----------------------------
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_output_buffers_are_written_in_place(kernel):
+    inputs = small_inputs(kernel)
+    ref = dsv4.KERNELS[kernel](**inputs)
+    for impl in (dsv4.KERNELS[kernel], getattr(dsv4.golden, kernel)):
+        bufs = {k: np.zeros_like(v) for k, v in ref.items()}
+        # a pypto-lib tensor dict holds the zeroed outputs beside the inputs
+        out = impl(**inputs, **bufs)
+        for name, buf in bufs.items():
+            assert out[name] is buf, name
+        if impl is dsv4.KERNELS[kernel]:
+            for name in ref:
+                assert same_bits(bufs[name], ref[name]), name
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bad_output_buffers(kernel):
+    inputs = small_inputs(kernel)
+    ref = dsv4.KERNELS[kernel](**inputs)
+    name, v = next(iter(ref.items()))
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        dsv4.KERNELS[kernel](**inputs, **{name: np.zeros(v.shape[:-1] + (v.shape[-1] + 1,), v.dtype)})
+    with pytest.raises(TypeError, match=f"'{name}'"):
+        dsv4.KERNELS[kernel](**inputs, **{name: np.zeros(v.shape, np.float64)})
+    ro = np.zeros_like(v)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match=f"'{name}' is read-only"):
+        dsv4.KERNELS[kernel](**inputs, **{name: ro})
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        getattr(dsv4.golden, kernel)(**inputs, **{name: np.zeros(v.shape, np.float64)})
+
+
+def test_output_may_not_overlap_an_input():
+    inputs = dsv4.specs.hc_post(T=2, seed=0)
+    alias = inputs["residual"]                      # same shape and dtype as y
+    before = alias.copy()
+    with pytest.raises(ValueError, match="'y' overlaps argument 'residual'"):
+        dsv4.hc_post(**inputs, y=alias)
+    assert same_bits(alias, before)
+
+
+@pytest.mark.skipif("avx512" not in dsv4.available_isas(), reason="CPU has no AVX-512 VNNI")
+def test_vector_bf16_store_matches_scalar_on_special_values(isa):
+    # NaN, infinities, ties and overflow go through the vector bf16 rounding of hc_post
+    d = dsv4.specs.hc_post(T=2, seed=1)
+    x = d["x"].astype(np.float32)
+    special = np.array([np.nan, np.inf, -np.inf, 1.00390625, -1.00390625, 3.0e38, -0.0, 1e-40],
+                       np.float32)
+    x[0, :special.size] = special
+    d["x"] = x.astype(ml_dtypes.bfloat16)
+    d["post"] = np.full_like(d["post"], 1.0)
+    d["comb"] = np.zeros_like(d["comb"])
+    isa("scalar")
+    ref = dsv4.hc_post(**d)["y"]
+    isa("avx512")
+    assert same_bits(dsv4.hc_post(**d)["y"], ref)
+    assert np.isnan(ref.astype(np.float32)[0, 0, 0])

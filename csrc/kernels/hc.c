@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "kernels/kernels.h"
+#include "core/avx512.h"
 
 #define RMS_K_CHUNK 512
 #define LINEAR_K_CHUNK 256
@@ -163,30 +164,54 @@ int dsv4_hc_post_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
+#if defined(__x86_64__)
+/* 16 columns d0..d0+15 of every output stream of token t, in the scalar order */
+DSV4_AVX512 static void hc_post_x16(const struct dsv4_hc_post_args *a, int64_t t, int64_t d0)
+{
+    const int64_t HC = a->HC, D = a->D;
+    __m512 x = dsv4_load_bf16x16(a->x + t * D + d0), r[MAX_HC];
+    for (int64_t i = 0; i < HC; i++)
+        r[i] = dsv4_load_bf16x16(a->residual + (t * HC + i) * D + d0);
+    for (int64_t o = 0; o < HC; o++) {
+        __m512 acc = _mm512_mul_ps(x, _mm512_set1_ps(a->post[t * HC + o]));
+        for (int64_t i = 0; i < HC; i++)
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(r[i], _mm512_set1_ps(a->comb[t * a->HC2 + i * HC + o])));
+        dsv4_store_bf16x16(a->y + (t * HC + o) * D + d0, acc);
+    }
+}
+#endif
+
+static void hc_post_x1(const struct dsv4_hc_post_args *a, int64_t t, int64_t d)
+{
+    const int64_t HC = a->HC, D = a->D;
+    float x = dsv4_bf16_to_f32(a->x[t * D + d]);
+    for (int64_t o = 0; o < HC; o++) {
+        float acc = x * a->post[t * HC + o];
+        for (int64_t i = 0; i < HC; i++)
+            acc = acc + dsv4_bf16_to_f32(a->residual[(t * HC + i) * D + d]) * a->comb[t * a->HC2 + i * HC + o];
+        a->y[(t * HC + o) * D + d] = dsv4_f32_to_bf16(acc);
+    }
+}
+
+#define POST_BLOCK 512
+
 void dsv4_hc_post(void *p)
 {
     const struct dsv4_hc_post_args *a = p;
-    const int64_t HC = a->HC, D = a->D;
+    const int64_t D = a->D, nb = (D + POST_BLOCK - 1) / POST_BLOCK;
+    const int avx = dsv4_get_isa() == DSV4_ISA_AVX512;
     #pragma omp parallel for schedule(static) num_threads(dsv4_num_threads())
-    for (int64_t u = 0; u < a->T * HC; u++) {
-        int64_t t = u / HC, o = u % HC;
-        const bf16_t *x = a->x + t * D, *res = a->residual + t * HC * D;
-        float po = a->post[t * HC + o], cw[MAX_HC];
-        for (int64_t i = 0; i < HC; i++)
-            cw[i] = a->comb[t * a->HC2 + i * HC + o];
-        bf16_t *y = a->y + (t * HC + o) * D;
-        float acc[256];
-        for (int64_t d0 = 0; d0 < D; d0 += 256) {     /* blocks of d, loops the compiler vectorises */
-            int64_t nd = D - d0 < 256 ? D - d0 : 256;
-            for (int64_t d = 0; d < nd; d++)
-                acc[d] = dsv4_bf16_to_f32(x[d0 + d]) * po;
-            for (int64_t i = 0; i < HC; i++)
-                for (int64_t d = 0; d < nd; d++)
-                    acc[d] = acc[d] + dsv4_bf16_to_f32(res[i * D + d0 + d]) * cw[i];
-            for (int64_t d = 0; d < nd; d++)
-                y[d0 + d] = dsv4_f32_to_bf16(acc[d]);
-        }
+    for (int64_t u = 0; u < a->T * nb; u++) {
+        int64_t t = u / nb, d = (u % nb) * POST_BLOCK, end = d + POST_BLOCK < D ? d + POST_BLOCK : D;
+#if defined(__x86_64__)
+        if (avx)
+            for (; d + 16 <= end; d += 16)
+                hc_post_x16(a, t, d);
+#endif
+        for (; d < end; d++)
+            hc_post_x1(a, t, d);
     }
+    (void)avx;
 }
 
 /* ---- hc_head --------------------------------------------------------------- */

@@ -7,6 +7,7 @@ the sub-layer output back; hc_head collapses them at the end of the model.
 import numpy as np
 
 from ..config import get_config
+from ._outputs import writes_outputs
 from .numerics import (
     F32, bf16_haz, bf16_rne, chunked_matvec, chunked_sum_sq, f32, rsqrt, sigmoid, softmax_last,
 )
@@ -45,6 +46,7 @@ def _seq_sum(c, axis):
     return np.expand_dims(s, axis)
 
 
+@writes_outputs("x_mixed", "post", "comb")
 def hc_pre(x, hc_fn, hc_scale, hc_base, *, config=None):
     """x [T, HC, D] bf16, hc_fn [(2+HC)*HC, HC*D] fp32, hc_scale [3], hc_base [(2+HC)*HC].
 
@@ -67,6 +69,7 @@ def hc_pre(x, hc_fn, hc_scale, hc_base, *, config=None):
     return {"x_mixed": bf16_haz(y), "post": post, "comb": comb.reshape(T, HC * HC)}
 
 
+@writes_outputs("y")
 def hc_post(x, residual, post, comb):
     """y[t, o] = bf16(x[t] * post[t, o] + sum_i residual[t, i] * comb[t, HC*i + o]),
     added in the order x, i = 0, 1, ..., HC-1."""
@@ -82,6 +85,7 @@ def hc_post(x, residual, post, comb):
     return {"y": bf16_rne(y)}
 
 
+@writes_outputs("y")
 def hc_head(x_hc, hc_head_fn, hc_head_scale, hc_head_base, *, config=None):
     """x_hc [T, HC, D] bf16 -> y [T, D] bf16: sigmoid weights, pairwise collapse
     ((x0 p0 + x1 p1) + (x2 p2 + x3 p3)), ties-away rounding. Any T."""

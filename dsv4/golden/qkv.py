@@ -7,12 +7,14 @@ from `config` (a preset name or a DeepSeekV4Config; default FLASH).
 import numpy as np
 
 from ..config import get_config
+from ._outputs import writes_outputs
 from .numerics import (
     BF16, bf16_rne, f32, int8_quant_per_row, matmul_bf16, matmul_i8, rms_inv,
     rms_norm as _rms_norm, rope_interleaved, round_bf16,
 )
 
 
+@writes_outputs("x_normed")
 def rms_norm(x, norm_w, *, config=None):
     """x_normed = bf16((x * rsqrt(mean(x^2) + eps)) * norm_w), x [T, D] bf16."""
     eps = get_config(config).rms_norm_eps
@@ -55,6 +57,7 @@ def _qkv(xn, wq_a, wq_b, wq_b_scale, wkv, cos, sin, gamma_cq, gamma_ckv, cfg, ro
     return out
 
 
+@writes_outputs("q", "kv", "qr", "qr_scale")
 def qkv_proj_rope(x, wq_a, wq_b, wq_b_scale, wkv, rope_cos, rope_sin, gamma_cq, gamma_ckv, *,
                   config=None, stages=False):
     """Q/KV projection + RoPE of an already normalised x [T, D] (pypto-lib qkv_proj_rope).
@@ -74,6 +77,7 @@ def _fused_input(x, norm_w, eps):
     return round_bf16(_rms_norm(f32(x).reshape(T, -1), norm_w, eps))
 
 
+@writes_outputs("q", "kv", "qr", "qr_scale")
 def decode_qkv_proj_rope(x, norm_w, wq_a, wq_b, wq_b_scale, wkv, rope_cos, rope_sin, gamma_cq,
                          gamma_ckv, even_select_t=None, odd_select_t=None, *, config=None,
                          stages=False):
@@ -86,6 +90,7 @@ def decode_qkv_proj_rope(x, norm_w, wq_a, wq_b, wq_b_scale, wkv, rope_cos, rope_
                 gamma_ckv, cfg, round_latent=True, stages=stages)
 
 
+@writes_outputs("q", "kv", "qr", "qr_scale")
 def prefill_qkv_proj_rope(x, norm_w, wq_a, wq_b, wq_b_scale, wkv, freqs_cos, freqs_sin, gamma_cq,
                           gamma_ckv, even_select_t=None, odd_select_t=None, start_pos=0, *,
                           config=None, stages=False):

@@ -1,0 +1,31 @@
+/* AVX-512 forms of the bf16 conversions in dsv4.h, bit for bit the same.
+ * Include only in x86-64 translation units; use from AVX512-targeted functions. */
+#ifndef DSV4_AVX512_H
+#define DSV4_AVX512_H
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <stdint.h>
+
+#define DSV4_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+DSV4_AVX512 static inline __m512 dsv4_load_bf16x16(const uint16_t *p)
+{
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+/* round to nearest even, NaN kept quiet: dsv4_f32_to_bf16 on 16 lanes */
+DSV4_AVX512 static inline void dsv4_store_bf16x16(uint16_t *p, __m512 v)
+{
+    __m512i u = _mm512_castps_si512(v);
+    __m512i hi = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)),
+                                                     _mm512_set1_epi32(0x7fff)));
+    r = _mm512_srli_epi32(r, 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
+#endif
+#endif
