@@ -316,11 +316,15 @@ def test_vector_bf16_store_matches_scalar_on_special_values(isa):
     special = np.array([np.nan, np.inf, -np.inf, 1.00390625, -1.00390625, 3.0e38, -0.0, 1e-40],
                        np.float32)
     x[0, :special.size] = special
+    x[0, 8:10] = [1.0, -1.0]
     d["x"] = x.astype(ml_dtypes.bfloat16)
     d["post"] = np.full_like(d["post"], 1.0)
+    d["post"][0, 1] = 1.00390625          # x * post = +-1.00390625: a bf16 tie, to even
     d["comb"] = np.zeros_like(d["comb"])
     isa("scalar")
     ref = dsv4.hc_post(**d)["y"]
     isa("avx512")
     assert same_bits(dsv4.hc_post(**d)["y"], ref)
-    assert np.isnan(ref.astype(np.float32)[0, 0, 0])
+    y = ref.astype(np.float32)
+    assert np.isnan(y[0, 0, 0]) and y[0, 0, 1] == np.inf
+    assert y[0, 1, 8] == 1.0 and y[0, 1, 9] == -1.0
