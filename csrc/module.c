@@ -35,7 +35,7 @@ struct kernel_spec {
     const struct scalar_spec *scalars;
     const struct dim_spec *dims;
     int (*prepare)(void *, struct dsv4_err *, size_t *);
-    void (*run)(void *);
+    int (*run)(void *, struct dsv4_err *);
 };
 
 /* ---- the kernel table ----------------------------------------------------- */
@@ -624,9 +624,14 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
     }
     *(void **)(st + k->scratch_off) = scratch;
 
+    int status;
     Py_BEGIN_ALLOW_THREADS
-    k->run(st);
+    status = k->run(st, &err);
     Py_END_ALLOW_THREADS
+    if (status) {
+        PyErr_Format(PyExc_ValueError, "%s: %s", k->name, err.msg);
+        goto done;
+    }
 
     result = PyDict_New();
     for (int j = 0; result && j < nt; j++)

@@ -12,7 +12,7 @@ int dsv4_cast_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
-void dsv4_cast(void *p)
+int dsv4_cast(void *p, struct dsv4_err *e)
 {
     const struct dsv4_cast_args *a = p;
     for (int64_t i = 0; i < a->N; i++) {
@@ -30,6 +30,7 @@ void dsv4_cast(void *p)
             ((float *)a->y)[i] = dsv4_fp8_to_f32(((const uint8_t *)a->x)[i]);
         }
     }
+    return DSV4_OK;
 }
 
 int dsv4_quant_int8_prepare(void *p, struct dsv4_err *e, size_t *scratch)
@@ -38,11 +39,12 @@ int dsv4_quant_int8_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
-void dsv4_quant_int8(void *p)
+int dsv4_quant_int8(void *p, struct dsv4_err *e)
 {
     const struct dsv4_quant_int8_args *a = p;
     for (int64_t m = 0; m < a->M; m++)
         a->scale[m] = dsv4_quant_row_i8(a->x + m * a->N, a->N, a->y + m * a->N);
+    return DSV4_OK;
 }
 
 /* ---- matmul --------------------------------------------------------------- */
@@ -78,7 +80,7 @@ int dsv4_matmul_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
-void dsv4_matmul(void *p)
+int dsv4_matmul(void *p, struct dsv4_err *e)
 {
     const struct dsv4_matmul_args *a = p;
     int nthr = mm_threads();
@@ -110,6 +112,7 @@ void dsv4_matmul(void *p)
         }
     }
     memcpy(a->c, s.c, (size_t)M * N * 4);
+    return DSV4_OK;
 }
 
 /* ---- rope ----------------------------------------------------------------- */
@@ -127,7 +130,7 @@ int dsv4_rope_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
-void dsv4_rope(void *p)
+int dsv4_rope(void *p, struct dsv4_err *e)
 {
     const struct dsv4_rope_args *a = p;
     float *cs = a->scratch;
@@ -137,4 +140,5 @@ void dsv4_rope(void *p)
         dsv4_bf16_row_to_f32(a->sin + m * a->RW, R2, cs + R2);
         dsv4_rope_bf16(a->x + m * a->R, cs, cs + R2, a->R, a->variant, a->y + m * a->R);
     }
+    return DSV4_OK;
 }

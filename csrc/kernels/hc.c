@@ -111,7 +111,7 @@ static void sinkhorn(float *c, int64_t n, int64_t iters, float eps)
     }
 }
 
-void dsv4_hc_pre(void *p)
+int dsv4_hc_pre(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_pre_args *a = p;
     const int64_t HC = a->HC, D = a->D, K = a->K, MIX = a->MIX, nb = (a->T + TB - 1) / TB;
@@ -148,6 +148,7 @@ void dsv4_hc_pre(void *p)
             }
         }
     }
+    return DSV4_OK;
 }
 
 /* ---- hc_post --------------------------------------------------------------- */
@@ -195,7 +196,7 @@ static void hc_post_x1(const struct dsv4_hc_post_args *a, int64_t t, int64_t d)
 
 #define POST_BLOCK 512
 
-void dsv4_hc_post(void *p)
+int dsv4_hc_post(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_post_args *a = p;
     const int64_t D = a->D, nb = (D + POST_BLOCK - 1) / POST_BLOCK;
@@ -212,6 +213,7 @@ void dsv4_hc_post(void *p)
             hc_post_x1(a, t, d);
     }
     (void)avx;
+    return DSV4_OK;
 }
 
 /* ---- hc_head --------------------------------------------------------------- */
@@ -231,7 +233,7 @@ int dsv4_hc_head_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
-void dsv4_hc_head(void *p)
+int dsv4_hc_head(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_head_args *a = p;
     const int64_t HC = a->HC, D = a->D, K = a->K, nb = (a->T + TB - 1) / TB;
@@ -260,4 +262,5 @@ void dsv4_hc_head(void *p)
             }
         }
     }
+    return DSV4_OK;
 }

@@ -8,7 +8,9 @@
 
 /* prepare() checks what the table cannot (relations between dims, index
  * ranges), sets derived dims and returns 0, or writes a message and returns
- * DSV4_EVALUE. It never writes to a tensor. */
+ * DSV4_EVALUE. It never writes to a tensor. The kernel itself returns 0, or
+ * DSV4_EVALUE for a condition only the computation reveals (e.g. a routing
+ * that overflows a receive buffer), found before any output is written. */
 enum { DSV4_OK = 0, DSV4_EVALUE = 1 };
 struct dsv4_err { char msg[512]; };
 
@@ -23,7 +25,7 @@ struct dsv4_rms_norm_args {
     void *scratch;
 };
 int dsv4_rms_norm_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_rms_norm(void *a);
+int dsv4_rms_norm(void *a, struct dsv4_err *e);
 
 /* ---- qkv_proj_rope and its two variants (spec 01 §5)
  *   A   = xn @ wq_a, qn = rmsnorm(A) * gamma_cq        -> qr, qr_scale (int8 per row)
@@ -56,7 +58,7 @@ struct dsv4_qkv_proj_rope_args {
     void *scratch;
 };
 int dsv4_qkv_proj_rope_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_qkv_proj_rope(void *a);
+int dsv4_qkv_proj_rope(void *a, struct dsv4_err *e);
 
 /* ---- hyper-connections (spec 01 §6-§8). K = HC*D, MIX = (2+HC)*HC.
  *   mix[t, m]  = (sum over 256-chunks, in order, of x[t] . fn[m]) * rsqrt(ss[t]/K + eps),
@@ -80,7 +82,7 @@ struct dsv4_hc_pre_args {
     void *scratch;
 };
 int dsv4_hc_pre_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_hc_pre(void *a);
+int dsv4_hc_pre(void *a, struct dsv4_err *e);
 
 struct dsv4_hc_post_args {
     const bf16_t *x;          /* [T, D] */
@@ -93,7 +95,7 @@ struct dsv4_hc_post_args {
     void *scratch;
 };
 int dsv4_hc_post_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_hc_post(void *a);
+int dsv4_hc_post(void *a, struct dsv4_err *e);
 
 struct dsv4_hc_head_args {
     const bf16_t *x_hc;       /* [T, HC, D] */
@@ -107,7 +109,7 @@ struct dsv4_hc_head_args {
     void *scratch;
 };
 int dsv4_hc_head_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_hc_head(void *a);
+int dsv4_hc_head(void *a, struct dsv4_err *e);
 
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };
@@ -119,7 +121,7 @@ struct dsv4_cast_args {
     void *scratch;
 };
 int dsv4_cast_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_cast(void *a);
+int dsv4_cast(void *a, struct dsv4_err *e);
 
 struct dsv4_quant_int8_args {
     const float *x;           /* [M, N] */
@@ -130,7 +132,7 @@ struct dsv4_quant_int8_args {
     void *scratch;
 };
 int dsv4_quant_int8_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_quant_int8(void *a);
+int dsv4_quant_int8(void *a, struct dsv4_err *e);
 
 enum { DSV4_MATMUL_BF16, DSV4_MATMUL_I8 };
 struct dsv4_matmul_args {
@@ -142,7 +144,7 @@ struct dsv4_matmul_args {
     void *scratch;
 };
 int dsv4_matmul_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_matmul(void *a);
+int dsv4_matmul(void *a, struct dsv4_err *e);
 
 struct dsv4_rope_args {
     const float *x;           /* [M, R] */
@@ -154,6 +156,6 @@ struct dsv4_rope_args {
     void *scratch;
 };
 int dsv4_rope_prepare(void *a, struct dsv4_err *e, size_t *scratch);
-void dsv4_rope(void *a);
+int dsv4_rope(void *a, struct dsv4_err *e);
 
 #endif

@@ -14,7 +14,7 @@ int dsv4_rms_norm_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
-void dsv4_rms_norm(void *p)
+int dsv4_rms_norm(void *p, struct dsv4_err *e)
 {
     const struct dsv4_rms_norm_args *a = p;
     #pragma omp parallel num_threads(dsv4_num_threads())
@@ -29,6 +29,7 @@ void dsv4_rms_norm(void *p)
                     dsv4_f32_to_bf16((row[d] * inv) * dsv4_bf16_to_f32(a->norm_w[d]));
         }
     }
+    return DSV4_OK;
 }
 
 /* ---- qkv_proj_rope --------------------------------------------------------- */
@@ -138,7 +139,7 @@ static void rope_row(const struct dsv4_qkv_proj_rope_args *a, int64_t t, float *
     dsv4_bf16_row_to_f32(a->rope_sin + pos * a->RW, R2, cs + R2);
 }
 
-void dsv4_qkv_proj_rope(void *p)
+int dsv4_qkv_proj_rope(void *p, struct dsv4_err *e)
 {
     const struct dsv4_qkv_proj_rope_args *a = p;
     struct dsv4_arena ar = {a->scratch, 0};
@@ -229,4 +230,5 @@ void dsv4_qkv_proj_rope(void *p)
             }
         }
     }
+    return DSV4_OK;
 }
