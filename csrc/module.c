@@ -20,6 +20,7 @@
 enum role { IN, OUT, UNUSED };      /* UNUSED: accepted for pypto-lib's dicts, checked, not read */
 enum { OPTIONAL = 1, FLAT = 2 };     /* FLAT: any shape holding prod(dims) elements */
 enum { SC_INT, SC_FLOAT };
+enum { ALL_ROWS = 2 };             /* has_default: None, the kernel uses every row */
 
 struct arg_spec { const char *name; int dtype; const char *dims; int role; int flags; size_t off; };
 struct scalar_spec { const char *name; int type; size_t off; int from_config; int has_default; double dflt; };
@@ -145,6 +146,107 @@ static const struct scalar_spec hc_head_scalars[] = {
     {"hc_eps", SC_FLOAT, HCH(hc_eps), 1, 0, 0.0},
     {0}};
 
+#define GATE(f) offsetof(struct dsv4_gate_args, f)
+static const struct dim_spec gate_dims[] = {
+    {"T", GATE(T)}, {"D", GATE(D)}, {"E", GATE(E)}, {"V", GATE(V)}, {"K", GATE(K)}, {0}};
+static const struct arg_spec gate_args[] = {
+    {"x_mixed", DSV4_BF16, "T,D", IN, 0, GATE(x_mixed)},
+    {"norm_w", DSV4_BF16, "D", IN, 0, GATE(norm_w)},
+    {"gate_w", DSV4_F32, "E,D", IN, 0, GATE(gate_w)},
+    {"gate_bias", DSV4_F32, "E", IN, 0, GATE(gate_bias)},
+    {"tid2eid", DSV4_I32, "V,K", IN, 0, GATE(tid2eid)},
+    {"input_ids", DSV4_I64, "T", IN, 0, GATE(input_ids)},
+    {"x_norm", DSV4_BF16, "T,D", OUT, 0, GATE(x_norm)},
+    {"x_norm_i8", DSV4_I8, "T,D", OUT, 0, GATE(x_norm_i8)},
+    {"x_norm_scale", DSV4_F32, "T,1", OUT, 0, GATE(x_norm_scale)},
+    {"indices", DSV4_I32, "T,K", OUT, 0, GATE(indices)},
+    {"weights", DSV4_F32, "T,K", OUT, 0, GATE(weights)},
+    {0}};
+static const struct scalar_spec gate_scalars[] = {
+    {"layer_id", SC_INT, GATE(layer_id), 0, 0, 0.0},
+    {"num_tokens", SC_INT, GATE(num_tokens), 0, ALL_ROWS, 0.0},
+    {"rms_norm_eps", SC_FLOAT, GATE(rms_norm_eps), 1, 0, 0.0},
+    {"num_hash_layers", SC_INT, GATE(num_hash_layers), 1, 0, 0.0},
+    {"num_experts_per_tok", SC_INT, GATE(num_experts_per_tok), 1, 0, 0.0},
+    {"routed_scaling_factor", SC_FLOAT, GATE(routed_scaling_factor), 1, 0, 0.0},
+    {0}};
+
+#define SHX(f) offsetof(struct dsv4_expert_shared_args, f)
+static const struct dim_spec shx_dims[] = {{"T", SHX(T)}, {"D", SHX(D)}, {"I", SHX(IE)}, {0}};
+static const struct arg_spec shx_args[] = {
+    {"x_local_i8", DSV4_I8, "T,D", IN, 0, SHX(x_local_i8)},
+    {"x_local_scale_dq", DSV4_F32, "T,1", IN, 0, SHX(x_local_scale_dq)},
+    {"shared_w1", DSV4_I8, "I,D", IN, 0, SHX(shared_w1)},
+    {"shared_w1_scale", DSV4_F32, "I", IN, 0, SHX(shared_w1_scale)},
+    {"shared_w3", DSV4_I8, "I,D", IN, 0, SHX(shared_w3)},
+    {"shared_w3_scale", DSV4_F32, "I", IN, 0, SHX(shared_w3_scale)},
+    {"shared_w2", DSV4_I8, "D,I", IN, 0, SHX(shared_w2)},
+    {"shared_w2_scale", DSV4_F32, "D", IN, 0, SHX(shared_w2_scale)},
+    {"sh", DSV4_BF16, "T,D", OUT, 0, SHX(sh)},
+    {0}};
+static const struct scalar_spec shx_scalars[] = {
+    {"swiglu_limit", SC_FLOAT, SHX(swiglu_limit), 1, 0, 0.0}, {0}};
+
+#define RTX(f) offsetof(struct dsv4_expert_routed_args, f)
+static const struct dim_spec rtx_dims[] = {
+    {"E", RTX(E)}, {"M", RTX(M)}, {"D", RTX(D)}, {"I", RTX(IE)}, {0}};
+static const struct arg_spec rtx_args[] = {
+    {"recv_x", DSV4_I8, "E,M,D", IN, 0, RTX(recv_x)},
+    {"recv_scale_dq", DSV4_F32, "E,M", IN, 0, RTX(recv_scale_dq)},
+    {"recv_weights", DSV4_F32, "E,M", IN, 0, RTX(recv_weights)},
+    {"recv_expert_count", DSV4_I32, "E,1", IN, 0, RTX(recv_expert_count)},
+    {"routed_w1", DSV4_I8, "E,I,D", IN, 0, RTX(routed_w1)},
+    {"routed_w1_scale", DSV4_F32, "E,I", IN, 0, RTX(routed_w1_scale)},
+    {"routed_w3", DSV4_I8, "E,I,D", IN, 0, RTX(routed_w3)},
+    {"routed_w3_scale", DSV4_F32, "E,I", IN, 0, RTX(routed_w3_scale)},
+    {"routed_w2", DSV4_I8, "E,D,I", IN, 0, RTX(routed_w2)},
+    {"routed_w2_scale", DSV4_F32, "E,D", IN, 0, RTX(routed_w2_scale)},
+    {"recv_y", DSV4_BF16, "E,M,D", OUT, 0, RTX(recv_y)},
+    {0}};
+static const struct scalar_spec rtx_scalars[] = {
+    {"swiglu_limit", SC_FLOAT, RTX(swiglu_limit), 1, 0, 0.0}, {0}};
+
+#define MOE(f) offsetof(struct dsv4_moe_args, f)
+static const struct dim_spec moe_dims[] = {
+    {"R", MOE(R)}, {"T", MOE(T)}, {"HC", MOE(HC)}, {"D", MOE(D)}, {"MIX", MOE(MIX)},
+    {"HCD", MOE(HCD)}, {"E", MOE(E)}, {"V", MOE(V)}, {"K", MOE(K)}, {"EL", MOE(EL)},
+    {"I", MOE(IE)}, {0}};
+static const struct arg_spec moe_args[] = {
+    {"x_hc", DSV4_BF16, "R,T,HC,D", IN, 0, MOE(x_hc)},
+    {"hc_ffn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, MOE(hc_ffn_fn)},
+    {"hc_ffn_scale", DSV4_F32, "R,3", IN, 0, MOE(hc_ffn_scale)},
+    {"hc_ffn_base", DSV4_F32, "R,MIX", IN, 0, MOE(hc_ffn_base)},
+    {"norm_w", DSV4_BF16, "R,D", IN, 0, MOE(norm_w)},
+    {"gate_w", DSV4_F32, "R,E,D", IN, 0, MOE(gate_w)},
+    {"gate_bias", DSV4_F32, "R,E", IN, 0, MOE(gate_bias)},
+    {"tid2eid", DSV4_I32, "R,V,K", IN, 0, MOE(tid2eid)},
+    {"input_ids", DSV4_I64, "R,T", IN, 0, MOE(input_ids)},
+    {"routed_w1", DSV4_I8, "R,EL,I,D", IN, 0, MOE(routed_w1)},
+    {"routed_w1_scale", DSV4_F32, "R,EL,I", IN, 0, MOE(routed_w1_scale)},
+    {"routed_w3", DSV4_I8, "R,EL,I,D", IN, 0, MOE(routed_w3)},
+    {"routed_w3_scale", DSV4_F32, "R,EL,I", IN, 0, MOE(routed_w3_scale)},
+    {"routed_w2", DSV4_I8, "R,EL,D,I", IN, 0, MOE(routed_w2)},
+    {"routed_w2_scale", DSV4_F32, "R,EL,D", IN, 0, MOE(routed_w2_scale)},
+    {"shared_w1", DSV4_I8, "R,I,D", IN, 0, MOE(shared_w1)},
+    {"shared_w1_scale", DSV4_F32, "R,I", IN, 0, MOE(shared_w1_scale)},
+    {"shared_w3", DSV4_I8, "R,I,D", IN, 0, MOE(shared_w3)},
+    {"shared_w3_scale", DSV4_F32, "R,I", IN, 0, MOE(shared_w3_scale)},
+    {"shared_w2", DSV4_I8, "R,D,I", IN, 0, MOE(shared_w2)},
+    {"shared_w2_scale", DSV4_F32, "R,D", IN, 0, MOE(shared_w2_scale)},
+    {"x_next", DSV4_BF16, "R,T,HC,D", OUT, 0, MOE(x_next)},
+    {0}};
+static const struct scalar_spec moe_scalars[] = {
+    {"layer_id", SC_INT, MOE(layer_id), 0, 0, 0.0},
+    {"num_tokens", SC_INT, MOE(num_tokens), 0, ALL_ROWS, 0.0},
+    {"rms_norm_eps", SC_FLOAT, MOE(rms_norm_eps), 1, 0, 0.0},
+    {"hc_eps", SC_FLOAT, MOE(hc_eps), 1, 0, 0.0},
+    {"hc_sinkhorn_iters", SC_INT, MOE(hc_sinkhorn_iters), 1, 0, 0.0},
+    {"num_hash_layers", SC_INT, MOE(num_hash_layers), 1, 0, 0.0},
+    {"num_experts_per_tok", SC_INT, MOE(num_experts_per_tok), 1, 0, 0.0},
+    {"routed_scaling_factor", SC_FLOAT, MOE(routed_scaling_factor), 1, 0, 0.0},
+    {"swiglu_limit", SC_FLOAT, MOE(swiglu_limit), 1, 0, 0.0},
+    {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -226,6 +328,27 @@ static const struct kernel_spec kernels[] = {
         "Hyper-connection head: the HC streams collapsed by sigmoid weights, pairwise, into "
         "y [T, D] (ties-away bf16). Any T.",
         0, 0, dsv4_hc_head_args, hc_head_args, hc_head_scalars, hc_head_dims, dsv4_hc_head),
+    ROW("gate",
+        "MoE gate: RMSNorm of x_mixed, per-token int8 quantisation, sqrt(softplus) router "
+        "scores, top-K experts by score + bias (stable; lower id wins a tie) or from tid2eid in "
+        "hash layers (layer_id < num_hash_layers), weights = score / sum * routed_scaling_factor. "
+        "Tokens from num_tokens on get zero scale, indices and weights.",
+        0, 0, dsv4_gate_args, gate_args, gate_scalars, gate_dims, dsv4_gate),
+    ROW("expert_shared",
+        "Shared expert on the gate's int8 rows: W8A8 SwiGLU FFN (swiglu_limit clamps), h "
+        "requantised to int8 per row before the down projection.",
+        0, 0, dsv4_expert_shared_args, shx_args, shx_scalars, shx_dims, dsv4_expert_shared),
+    ROW("expert_routed",
+        "Routed experts on their receive buffers: rows [0, recv_expert_count[e]) of expert e "
+        "through its W8A8 SwiGLU FFN, the routing weight folded into h's dequant scale; rows "
+        "beyond the count come out zero.",
+        0, 0, dsv4_expert_routed_args, rtx_args, rtx_scalars, rtx_dims, dsv4_expert_routed),
+    ROW("moe",
+        "MoE block of an expert-parallel world of R ranks simulated in one process: per rank "
+        "hc_pre, gate, shared expert; every route evaluated by the owning rank's shard; combine "
+        "in k order onto the shared output; hc_post. Routing that overflows an expert's receive "
+        "buffer (R*T rows) is a ValueError.",
+        0, 0, dsv4_moe_args, moe_args, moe_scalars, moe_dims, dsv4_moe),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",
@@ -577,6 +700,8 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
         if (sv[j]) {
             if (set_scalar(k, ss, sv[j], st))
                 goto done;
+        } else if (ss->has_default == ALL_ROWS) {
+            *(int64_t *)(st + ss->off) = INT64_MAX;
         } else if (ss->has_default) {
             if (ss->type == SC_INT)
                 *(int64_t *)(st + ss->off) = (int64_t)ss->dflt;
@@ -669,7 +794,8 @@ static PyObject *kernel_table(PyObject *self, PyObject *unused)
         }
         for (int j = 0; scalars && k->scalars[j].name; j++) {
             const struct scalar_spec *s = &k->scalars[j];
-            PyObject *dflt = s->has_default
+            PyObject *dflt = s->has_default == ALL_ROWS ? Py_NewRef(Py_None)
+                             : s->has_default
                                  ? (s->type == SC_INT ? PyLong_FromLongLong((long long)s->dflt)
                                                       : PyFloat_FromDouble(s->dflt))
                                  : Py_NewRef(Py_None);

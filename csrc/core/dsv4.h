@@ -95,6 +95,11 @@ void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t M, int64_t K,
                   const int8_t *B, int64_t ldb, int64_t n0, int64_t nc,
                   int32_t *C, int64_t ldc, void *work);
 
+/* C[0:Mp, 0:nc] = A @ W[n0:n0+nc, :]^T for weights stored as rows W [N, K] (ldw = K).
+ * Mp is a multiple of 4 (dsv4_gemm_i8_rows gives one). Exact. */
+void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                     const int8_t *W, int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc);
+
 /* ---- CPU features and threads -------------------------------------------- */
 
 enum dsv4_isa { DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX512 = 1 };

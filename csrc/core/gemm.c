@@ -260,3 +260,68 @@ void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K
     (void)rowsum; (void)work;
     gemm_i8_scalar(Ap, Mp, K, B, ldb, n0, nc, C, ldc);
 }
+
+/* ---- int8, weights as rows (W [N, K], row n = output column n) ----------------
+ * The expert layout. C[m, n] = sum_k A[m, k] W[n, k], exact. The AVX-512 path
+ * streams W rows 64 bytes at a time against four A rows, so W needs no packing. */
+
+static void gemm_i8_nt_scalar(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *W,
+                              int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
+{
+    int64_t lda = dsv4_gemm_i8_lda(K);
+    for (int64_t m = 0; m < Mp; m++)
+        for (int64_t j = 0; j < nc; j++) {
+            const int8_t *a = Ap + m * lda, *w = W + (n0 + j) * ldw;
+            int32_t c = 0;
+            for (int64_t k = 0; k < K; k++)
+                c += (int32_t)a[k] * (int32_t)w[k];
+            C[m * ldc + j] = c;
+        }
+}
+
+#if defined(__x86_64__)
+AVX512 static void gemm_i8_nt_avx512(const int8_t *Ap, const int32_t *rowsum, int64_t Mp,
+                                     int64_t K, const int8_t *W, int64_t ldw, int64_t n0,
+                                     int64_t nc, int32_t *C, int64_t ldc)
+{
+    int64_t lda = dsv4_gemm_i8_lda(K);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int64_t j = 0;
+    for (; j + 4 <= nc; j += 4)
+        for (int64_t m = 0; m < Mp; m += 4) {
+            __m512i acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int q = 0; q < 4; q++)
+                    acc[r][q] = _mm512_setzero_si512();
+            for (int64_t k = 0; k < K; k += 64) {
+                __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+                __m512i w[4];
+                for (int q = 0; q < 4; q++)   /* w + 128 as unsigned; masked bytes give 128 * 0 */
+                    w[q] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, W + (n0 + j + q) * ldw + k), flip);
+                for (int r = 0; r < 4; r++) {
+                    __m512i a = _mm512_maskz_loadu_epi8(mk, Ap + (m + r) * lda + k);
+                    for (int q = 0; q < 4; q++)
+                        acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], w[q], a);
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                for (int q = 0; q < 4; q++)
+                    C[(m + r) * ldc + j + q] = _mm512_reduce_add_epi32(acc[r][q]) - 128 * rowsum[m + r];
+        }
+    if (j < nc)
+        gemm_i8_nt_scalar(Ap, Mp, K, W, ldw, n0 + j, nc - j, C + j, ldc);
+}
+#endif
+
+void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                     const int8_t *W, int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
+{
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
+        gemm_i8_nt_avx512(Ap, rowsum, Mp, K, W, ldw, n0, nc, C, ldc);
+        return;
+    }
+#endif
+    (void)rowsum;
+    gemm_i8_nt_scalar(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
+}

@@ -111,6 +111,103 @@ struct dsv4_hc_head_args {
 int dsv4_hc_head_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_hc_head(void *a, struct dsv4_err *e);
 
+/* ---- mixture of experts (spec 05) ------------------------------------------------
+ * gate: RMSNorm -> x_norm (bf16) -> int8 per row; scores sqrt(softplus(x_norm . gate_w));
+ *       top-K of score + bias (stable) or tid2eid[input_ids] in hash layers;
+ *       weights = score / sum(scores of the K) * routed_scaling_factor.
+ * expert: y = bf16(W2 . q8(swiglu(W1 . x, W3 . x)) * scale [* routing weight]).
+ * moe:  per rank hc_pre -> gate -> shared + routed experts -> combine -> hc_post. */
+struct dsv4_gate_args {
+    const bf16_t *x_mixed;    /* [T, D] */
+    const bf16_t *norm_w;     /* [D] */
+    const float *gate_w;      /* [E, D] */
+    const float *gate_bias;   /* [E] */
+    const int32_t *tid2eid;   /* [V, K] */
+    const int64_t *input_ids; /* [T] */
+    bf16_t *x_norm;           /* [T, D] */
+    int8_t *x_norm_i8;        /* [T, D] */
+    float *x_norm_scale;      /* [T, 1] */
+    int32_t *indices;         /* [T, K] */
+    float *weights;           /* [T, K] */
+    int64_t T, D, E, V, K;
+    int64_t layer_id, num_tokens, num_hash_layers, num_experts_per_tok;
+    float rms_norm_eps, routed_scaling_factor;
+    int variant;
+    void *scratch;
+};
+int dsv4_gate_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_gate(void *a, struct dsv4_err *e);
+
+struct dsv4_expert_shared_args {
+    const int8_t *x_local_i8;        /* [T, D] */
+    const float *x_local_scale_dq;   /* [T, 1] */
+    const int8_t *shared_w1;         /* [I, D] */
+    const float *shared_w1_scale;    /* [I] */
+    const int8_t *shared_w3;         /* [I, D] */
+    const float *shared_w3_scale;    /* [I] */
+    const int8_t *shared_w2;         /* [D, I] */
+    const float *shared_w2_scale;    /* [D] */
+    bf16_t *sh;                      /* [T, D] */
+    int64_t T, D, IE;            /* IE: expert width (moe_intermediate_size) */
+    float swiglu_limit;
+    int variant;
+    void *scratch;
+};
+int dsv4_expert_shared_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_expert_shared(void *a, struct dsv4_err *e);
+
+struct dsv4_expert_routed_args {
+    const int8_t *recv_x;            /* [E, M, D] */
+    const float *recv_scale_dq;      /* [E, M] */
+    const float *recv_weights;       /* [E, M] */
+    const int32_t *recv_expert_count; /* [E, 1] */
+    const int8_t *routed_w1;         /* [E, I, D] */
+    const float *routed_w1_scale;    /* [E, I] */
+    const int8_t *routed_w3;         /* [E, I, D] */
+    const float *routed_w3_scale;    /* [E, I] */
+    const int8_t *routed_w2;         /* [E, D, I] */
+    const float *routed_w2_scale;    /* [E, D] */
+    bf16_t *recv_y;                  /* [E, M, D] */
+    int64_t E, M, D, IE;
+    float swiglu_limit;
+    int variant;
+    void *scratch;
+};
+int dsv4_expert_routed_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_expert_routed(void *a, struct dsv4_err *e);
+
+struct dsv4_moe_args {
+    const bf16_t *x_hc;              /* [R, T, HC, D] */
+    const float *hc_ffn_fn;          /* [R, MIX, HC*D] */
+    const float *hc_ffn_scale;       /* [R, 3] */
+    const float *hc_ffn_base;        /* [R, MIX] */
+    const bf16_t *norm_w;            /* [R, D] */
+    const float *gate_w;             /* [R, E, D] */
+    const float *gate_bias;          /* [R, E] */
+    const int32_t *tid2eid;          /* [R, V, K] */
+    const int64_t *input_ids;        /* [R, T] */
+    const int8_t *routed_w1;         /* [R, EL, I, D] */
+    const float *routed_w1_scale;    /* [R, EL, I] */
+    const int8_t *routed_w3;
+    const float *routed_w3_scale;
+    const int8_t *routed_w2;         /* [R, EL, D, I] */
+    const float *routed_w2_scale;    /* [R, EL, D] */
+    const int8_t *shared_w1;         /* [R, I, D] */
+    const float *shared_w1_scale;    /* [R, I] */
+    const int8_t *shared_w3;
+    const float *shared_w3_scale;
+    const int8_t *shared_w2;         /* [R, D, I] */
+    const float *shared_w2_scale;    /* [R, D] */
+    bf16_t *x_next;                  /* [R, T, HC, D] */
+    int64_t R, T, HC, D, MIX, HCD, E, V, K, EL, IE;
+    int64_t layer_id, num_tokens, num_hash_layers, num_experts_per_tok, hc_sinkhorn_iters;
+    float rms_norm_eps, hc_eps, routed_scaling_factor, swiglu_limit;
+    int variant;
+    void *scratch;
+};
+int dsv4_moe_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_moe(void *a, struct dsv4_err *e);
+
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };
 struct dsv4_cast_args {

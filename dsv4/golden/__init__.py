@@ -5,7 +5,8 @@ point a call into dsv4.golden.numerics.
 """
 from . import numerics
 from .hc import hc_head, hc_post, hc_pre
+from .moe import expert_routed, expert_shared, gate, moe
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
 __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
-           "hc_pre", "hc_post", "hc_head"]
+           "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe"]

@@ -172,3 +172,31 @@ def chunked_matvec(v, w, chunk):
     for k0 in range(0, v.shape[-1], chunk):
         acc = acc + np.matmul(v[:, k0:k0 + chunk], w[:, k0:k0 + chunk].T)
     return acc
+
+
+def log1p32(z):
+    """fp32 log1p, computed in double and rounded once (as exp32)."""
+    return np.log1p(f32(z).astype(np.float64)).astype(np.float32)
+
+
+def sqrtsoftplus(z):
+    """The router score sqrt(softplus(z)) in its log1p form (spec chapter 05 §2.4):
+    sqrt(max(z, 0) + log1p(exp(-|z|))), every step rounded to fp32. Unlike the
+    naive log(1 + exp(-|z|)) it keeps the negative tail (about exp(z)) alive."""
+    z = f32(z)
+    sp = np.maximum(z, F32(0.0)) + log1p32(exp32(-np.abs(z)))
+    return np.sqrt(sp)
+
+
+def swiglu(gate, up, limit):
+    """silu(gate) * up with pypto-lib's clamps (chapter 05 §2.3): if limit > 0, gate is
+    clamped from above only and up on both sides. silu(g) = g / (1 + exp(-g)), a
+    true division as torch's CPU F.silu does (not g * sigmoid(g))."""
+    g, u = f32(gate), f32(up)
+    if limit > 0:
+        lim = F32(limit)
+        g = np.minimum(g, lim)
+        u = np.clip(u, -lim, lim)
+    with np.errstate(over="ignore"):        # exp(-g) -> inf for g < -88: silu -> -0
+        e = exp32(-g)
+    return (g / (F32(1.0) + e)) * u

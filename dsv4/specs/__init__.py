@@ -5,11 +5,14 @@ Also, per kernel, pypto-lib's comparator for each output (COMPARATORS) and the
 deployment cases `python -m dsv4 check` runs (CASES).
 """
 from . import hc, qkv
+from . import moe as _moe
 from .hc import hc_head, hc_post, hc_pre
+from .moe import expert_routed, expert_shared, gate, moe
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
-COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS}
-CASES = {**qkv.CASES, **hc.CASES}
+COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS}
+CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES}
 
 __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
-           "hc_pre", "hc_post", "hc_head", "COMPARATORS", "CASES"]
+           "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
+           "COMPARATORS", "CASES"]
