@@ -247,6 +247,73 @@ static const struct scalar_spec moe_scalars[] = {
     {"swiglu_limit", SC_FLOAT, MOE(swiglu_limit), 1, 0, 0.0},
     {0}};
 
+#define ATT(f) offsetof(struct dsv4_sparse_attn_args, f)
+static const struct dim_spec attn_dims[] = {
+    {"T", ATT(T)}, {"H", ATT(H)}, {"HD", ATT(HD)}, {"OB", ATT(OB)}, {"BLOCK", ATT(BLOCK)},
+    {"OM", ATT(OM)}, {"B", ATT(B)}, {"CB", ATT(CB)}, {"CM", ATT(CM)}, {"K", ATT(K)},
+    {"RW", ATT(RW)}, {"G", ATT(G)}, {"OL", ATT(OL)}, {"OGI", ATT(OGI)}, {"D", ATT(D)},
+    {"GOL", ATT(GOL)}, {0}};
+#define ATTN_TAIL                                                                  \
+    {"attn_sink", DSV4_F32, "H", IN, 0, ATT(attn_sink)},                           \
+    {"freqs_cos", DSV4_BF16, "T,RW", IN, 0, ATT(freqs_cos)},                       \
+    {"freqs_sin", DSV4_BF16, "T,RW", IN, 0, ATT(freqs_sin)},                       \
+    {"wo_a", DSV4_BF16, "G,OL,OGI", IN, 0, ATT(wo_a)},                             \
+    {"wo_b", DSV4_I8, "D,GOL", IN, 0, ATT(wo_b)},                                  \
+    {"wo_b_scale", DSV4_F32, "D", IN, 0, ATT(wo_b_scale)}
+static const struct arg_spec prefill_attn_args[] = {
+    {"q", DSV4_BF16, "T,H,HD", IN, 0, ATT(q)},
+    {"ori_kv", DSV4_BF16, "OB,BLOCK,1,HD", IN, 0, ATT(ori_kv)},
+    {"ori_block_table", DSV4_I32, "OM", IN, 0, ATT(ori_block_table)},
+    {"kv_overlay", DSV4_BF16, "T,HD", IN, 0, ATT(kv_overlay)},
+    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", IN, 0, ATT(cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "CM", IN, 0, ATT(cmp_block_table)},
+    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
+    {"cmp_sparse_lens", DSV4_I32, "T", IN, 0, ATT(cmp_sparse_lens)},
+    ATTN_TAIL,
+    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    {0}};
+#define DECODE_HEAD                                                                \
+    {"q", DSV4_BF16, "T,H,HD", IN, 0, ATT(q)},                                     \
+    {"ori_kv", DSV4_BF16, "OB,BLOCK,1,HD", IN, 0, ATT(ori_kv)},                    \
+    {"ori_block_table", DSV4_I32, "B,OM", IN, 0, ATT(ori_block_table)},            \
+    {"mtp_kv_overlay", DSV4_BF16, "T,HD", IN, 0, ATT(kv_overlay)}
+static const struct arg_spec decode_attn_args[] = {
+    DECODE_HEAD,
+    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", IN, 0, ATT(cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, ATT(cmp_block_table)},
+    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
+    {"valid_block_mask", DSV4_I32, "T,_", UNUSED, OPTIONAL, 0},
+    ATTN_TAIL,
+    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    {0}};
+static const struct arg_spec hca_attn_args[] = {
+    DECODE_HEAD,
+    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", IN, 0, ATT(cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, ATT(cmp_block_table)},
+    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
+    ATTN_TAIL,
+    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    {0}};
+static const struct arg_spec swa_attn_args[] = {
+    DECODE_HEAD,
+    {"cmp_kv", DSV4_BF16, "_,_,_,_", UNUSED, OPTIONAL, 0},
+    {"cmp_block_table", DSV4_I32, "_,_", UNUSED, OPTIONAL, 0},
+    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
+    {"win_bias", DSV4_F32, "T,_", UNUSED, OPTIONAL, 0},
+    ATTN_TAIL,
+    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    {0}};
+static const struct scalar_spec prefill_attn_scalars[] = {
+    {"num_tokens", SC_INT, ATT(num_tokens), 0, ALL_ROWS, 0.0},
+    {"sliding_window", SC_INT, ATT(sliding_window), 1, 0, 0.0},
+    {"index_topk", SC_INT, ATT(index_topk), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, ATT(qk_rope_head_dim), 1, 0, 0.0},
+    {0}};
+static const struct scalar_spec decode_attn_scalars[] = {
+    {"sliding_window", SC_INT, ATT(sliding_window), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, ATT(qk_rope_head_dim), 1, 0, 0.0},
+    {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -349,6 +416,31 @@ static const struct kernel_spec kernels[] = {
         "in k order onto the shared output; hc_post. Routing that overflows an expert's receive "
         "buffer (R*T rows) is a ValueError.",
         0, 0, dsv4_moe_args, moe_args, moe_scalars, moe_dims, dsv4_moe),
+    ROW("prefill_sparse_attn",
+        "Prefill sparse attention of one chunk: each token attends the rows its index list "
+        "names (ring cache, the chunk's own KV rows below num_tokens, compressed cache), "
+        "compacted and taken 128 at a time, plus a per-head sink; inverse RoPE; grouped "
+        "output projection with per-(token, group) int8 quantisation.",
+        0, DSV4_ATTN_PREFILL, dsv4_sparse_attn_args, prefill_attn_args, prefill_attn_scalars,
+        attn_dims, dsv4_sparse_attn),
+    ROW("decode_sparse_attn",
+        "Decode sparse attention, CSA layers: window + indexer top-k columns in positional "
+        "tiles of 128 (invalid columns masked), sink, inverse RoPE, grouped int8 output "
+        "projection. valid_block_mask is accepted and not read, as in pypto-lib's golden.",
+        0, DSV4_ATTN_DECODE, dsv4_sparse_attn_args, decode_attn_args, decode_attn_scalars,
+        attn_dims, dsv4_sparse_attn),
+    ROW("decode_sparse_attn_hca",
+        "Decode sparse attention, HCA layers: as decode_sparse_attn over all index columns "
+        "(window, relocated overlay, compressed tail).",
+        0, DSV4_ATTN_DECODE, dsv4_sparse_attn_args, hca_attn_args, decode_attn_scalars,
+        attn_dims, dsv4_sparse_attn),
+    ROW("decode_sparse_attn_swa",
+        "Decode sliding-window attention: the request's ring page and the step's overlay rows "
+        "as two tiles, validity taken as sets from the index row (duplicates once, compressed "
+        "indices ignored); T <= 128. cmp_kv, cmp_block_table and win_bias are accepted and "
+        "not read.",
+        0, DSV4_ATTN_SWA, dsv4_sparse_attn_args, swa_attn_args, decode_attn_scalars,
+        attn_dims, dsv4_sparse_attn),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",
@@ -627,6 +719,41 @@ static int check_output(const struct kernel_spec *k, int j, PyObject *const *tv)
     return 0;
 }
 
+/* ---- scratch ---------------------------------------------------------------------
+ * Kernels need up to tens of MB of scratch. Fresh pages cost a page fault and a
+ * zeroing each, often more than the kernel itself, so the largest buffer of the
+ * last call is kept for the next. Concurrent calls each take their own. */
+#include <stdatomic.h>
+
+struct scratch_buf { size_t size; max_align_t pad[]; };
+static _Atomic(struct scratch_buf *) g_scratch;
+
+static void *scratch_take(size_t n)
+{
+    struct scratch_buf *b = atomic_exchange(&g_scratch, NULL);
+    if (b && b->size < n) {
+        free(b);
+        b = NULL;
+    }
+    if (!b) {
+        void *p;
+        if (posix_memalign(&p, 64, 64 + n))
+            return NULL;
+        b = p;
+        b->size = n;
+    }
+    return (char *)b + 64;
+}
+
+static void scratch_give(void *p)
+{
+    if (!p)
+        return;
+    struct scratch_buf *b = (struct scratch_buf *)((char *)p - 64);
+    b = atomic_exchange(&g_scratch, b);
+    free(b);
+}
+
 /* ---- call_kernel ------------------------------------------------------------ */
 
 #define MAXARGS 32
@@ -742,8 +869,7 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
             goto done;
         *(void **)(st + as->off) = PyArray_DATA((PyArrayObject *)outs[j]);
     }
-    if (nscratch && posix_memalign(&scratch, 64, nscratch)) {
-        scratch = NULL;
+    if (nscratch && !(scratch = scratch_take(nscratch))) {
         PyErr_NoMemory();
         goto done;
     }
@@ -766,7 +892,7 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
 done:
     for (int j = 0; j < nt; j++)
         Py_XDECREF(outs[j]);
-    free(scratch);
+    scratch_give(scratch);
     free(st);
     return result;
 }

@@ -61,6 +61,15 @@ void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, i
 void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, int64_t ldw,
                        int64_t M, int64_t n, float *out, int64_t ldo);
 
+/* out[i*ldo + m] = sum_k X[i, k] * W[m, k] with fused steps in the dsv4_dot_f32 lane
+ * order; W is fp32 rows (W) or bf16 rows (Wb, W == NULL). For bf16-valued operands this
+ * equals the unfused sum bit for bit. */
+void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, const bf16_t *Wb,
+                       int64_t ldw, int64_t M, int64_t n, float *out, int64_t ldo);
+
+/* O[h, :] = sum_i P[h, i] * V[i, :] over i ascending, fused steps (exact for bf16 values). */
+void dsv4_pv(const float *P, int64_t ldp, int64_t H, const float *V, int64_t n, int64_t HD, float *O);
+
 /* 1/sqrt(mean(v^2) + eps), the torch.rsqrt form: sqrt and division each round once. */
 float dsv4_rms_inv(const float *v, int64_t n, float eps);
 
@@ -85,6 +94,12 @@ size_t dsv4_gemm_bf16_work(int64_t K);
 void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
                     const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
                     float *C, int64_t ldc, void *work);
+
+/* C[0:M, 0:nc] = A[M, K] @ P, P a panel [K][32] of fp32 (columns >= nc zero), M a multiple
+ * of 8: the micro-kernel of dsv4_gemm_bf16 for operands already in fp32. */
+#define DSV4_PANEL 32
+void dsv4_gemm_f32_panel(const float *A, int64_t M, int64_t K, const float *P, float *C,
+                         int64_t ldc, int64_t nc);
 
 /* A is int8 [M, K] prepared by dsv4_gemm_i8_prep_a (rows padded, k padded to 4). */
 int64_t dsv4_gemm_i8_lda(int64_t K);

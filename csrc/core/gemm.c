@@ -112,6 +112,18 @@ AVX512 static void gemm_bf16_avx512(const float *A, int64_t M, int64_t K, const 
 }
 #endif
 
+void dsv4_gemm_f32_panel(const float *A, int64_t M, int64_t K, const float *P, float *C,
+                         int64_t ldc, int64_t nc)
+{
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
+        gemm_bf16_avx512(A, M, K, P, C, ldc, nc);
+        return;
+    }
+#endif
+    gemm_bf16_scalar(A, M, K, P, C, ldc, nc);
+}
+
 void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
                     const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
                     float *C, int64_t ldc, void *work)

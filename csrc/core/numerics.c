@@ -239,3 +239,155 @@ float dsv4_fp8_to_f32(uint8_t c)
         v = ldexpf((float)(8 + m), e - 10);
     return (c & 0x80) ? -v : v;
 }
+
+/* ---- dot products of bf16-valued operands (exact products, fused) -----------------
+ * The same lane order as dsv4_dot_f32, with each step a fused multiply-add. For
+ * operands that hold bf16 values the product is exact, so fused and unfused agree;
+ * the scalar twin uses fmaf so that the two paths agree for any input. */
+
+static float dot_fma_scalar(const float *a, const float *w, const bf16_t *wb, int64_t n)
+{
+    float acc[LANES] = {0};
+    for (int64_t k = 0; k < n; k += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float x = k + l < n ? a[k + l] : 0.0f;
+            float y = k + l < n ? (w ? w[k + l] : dsv4_bf16_to_f32(wb[k + l])) : 0.0f;
+            acc[l] = fmaf(x, y, acc[l]);
+        }
+    return tree16(acc);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl,avx512bw"))) static inline __m512 load_w(
+    const float *w, const bf16_t *wb, int64_t k, __mmask16 m)
+{
+    if (w)
+        return _mm512_maskz_loadu_ps(m, w + k);
+    __m256i h = _mm256_maskz_loadu_epi16(m, wb + k);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* 4 x-rows by 4 w-rows; w is fp32 rows (wf) or bf16 rows (wb) */
+__attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot4x4_fma_avx512(
+    const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t ldw, int64_t n,
+    float *out, int64_t ldo)
+{
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++)
+            acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k += LANES) {
+        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+        __m512 w[4];
+        for (int r = 0; r < 4; r++)
+            w[r] = load_w(wf ? wf + r * ldw : NULL, wb ? wb + r * ldw : NULL, k, m);
+        for (int i = 0; i < 4; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, X + i * ldx + k);
+            for (int r = 0; r < 4; r++)
+                acc[i][r] = _mm512_fmadd_ps(xv, w[r], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++)
+            out[i * ldo + r] = reduce16(acc[i][r]);
+}
+/* 4 x-rows by one w-row: the remainder of the 4 x 4 blocks, same lane order */
+__attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot4x1_fma_avx512(
+    const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t n, float *out,
+    int64_t ldo)
+{
+    __m512 acc[4];
+    for (int i = 0; i < 4; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k += LANES) {
+        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+        __m512 w = load_w(wf, wb, k, m);
+        for (int i = 0; i < 4; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, X + i * ldx + k), w, acc[i]);
+    }
+    for (int i = 0; i < 4; i++)
+        out[i * ldo] = reduce16(acc[i]);
+}
+#endif
+
+void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, const bf16_t *Wb,
+                       int64_t ldw, int64_t M, int64_t n, float *out, int64_t ldo)
+{
+    int64_t i0 = 0;
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
+        for (; i0 + 4 <= NX; i0 += 4) {
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4)
+                dot4x4_fma_avx512(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
+                                  Wb ? Wb + m * ldw : NULL, ldw, n, out + i0 * ldo + m, ldo);
+            for (; m < M; m++)
+                dot4x1_fma_avx512(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
+                                  Wb ? Wb + m * ldw : NULL, n, out + i0 * ldo + m, ldo);
+        }
+    }
+#endif
+    for (int64_t i = i0; i < NX; i++)
+        for (int64_t r = 0; r < M; r++)
+            out[i * ldo + r] = dot_fma_scalar(X + i * ldx, W ? W + r * ldw : NULL,
+                                              Wb ? Wb + r * ldw : NULL, n);
+}
+
+/* O[h, d] = sum over i ascending of P[h, i] * V[i, d], fused steps (exact products for
+ * bf16-valued operands). One accumulation chain per output element, in i order. */
+static void pv_scalar(const float *P, int64_t ldp, int64_t H, const float *V, int64_t n,
+                      int64_t HD, float *O)
+{
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t d = 0; d < HD; d++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < n; i++)
+                acc = fmaf(P[h * ldp + i], V[i * HD + d], acc);
+            O[h * HD + d] = acc;
+        }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
+    const float *P, int64_t ldp, int64_t H, const float *V, int64_t n, int64_t HD, float *O)
+{
+    int64_t d0 = 0;
+    for (; d0 + 64 <= HD; d0 += 64)
+        for (int64_t h = 0; h < H; h++) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *p = P + h * ldp;
+            for (int64_t i = 0; i < n; i++) {
+                __m512 pi = _mm512_set1_ps(p[i]);
+                const float *v = V + i * HD + d0;
+                a0 = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v), a0);
+                a1 = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 16), a1);
+                a2 = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 32), a2);
+                a3 = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 48), a3);
+            }
+            float *o = O + h * HD + d0;
+            _mm512_storeu_ps(o, a0);
+            _mm512_storeu_ps(o + 16, a1);
+            _mm512_storeu_ps(o + 32, a2);
+            _mm512_storeu_ps(o + 48, a3);
+        }
+    if (d0 < HD)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t d = d0; d < HD; d++) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < n; i++)
+                    acc = fmaf(P[h * ldp + i], V[i * HD + d], acc);
+                O[h * HD + d] = acc;
+            }
+}
+#endif
+
+void dsv4_pv(const float *P, int64_t ldp, int64_t H, const float *V, int64_t n, int64_t HD, float *O)
+{
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
+        pv_avx512(P, ldp, H, V, n, HD, O);
+        return;
+    }
+#endif
+    pv_scalar(P, ldp, H, V, n, HD, O);
+}

@@ -208,6 +208,35 @@ struct dsv4_moe_args {
 int dsv4_moe_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_moe(void *a, struct dsv4_err *e);
 
+/* ---- sparse attention (spec 03) ----------------------------------------------------
+ * O[t, h] = softmax over the token's KV rows (+ a sink logit) of q.k * HD^-0.5, times the
+ * rows, tile by tile; inverse RoPE; attn_out = bf16(sum_g dq(int8(O_g . wo_a[g]) . wo_b_g)). */
+enum { DSV4_ATTN_PREFILL, DSV4_ATTN_DECODE, DSV4_ATTN_SWA };
+struct dsv4_sparse_attn_args {
+    const bf16_t *q;                    /* [T, H, HD] */
+    const bf16_t *ori_kv;               /* [OB, BLOCK, 1, HD] ring pages */
+    const int32_t *ori_block_table;     /* prefill [OM], decode [B, OM] */
+    const bf16_t *kv_overlay;           /* [T, HD] the step's own KV rows */
+    const bf16_t *cmp_kv;               /* [CB, BLOCK, 1, HD] compressed pages */
+    const int32_t *cmp_block_table;     /* prefill [CM], decode [B, CM] */
+    const int32_t *cmp_sparse_indices;  /* [T, K] raw indices */
+    const int32_t *cmp_sparse_lens;     /* [T], prefill only */
+    const float *attn_sink;             /* [H] */
+    const bf16_t *freqs_cos, *freqs_sin; /* [T, RW] */
+    const bf16_t *wo_a;                 /* [G, OL, OGI] */
+    const int8_t *wo_b;                 /* [D, GOL] */
+    const float *wo_b_scale;            /* [D] */
+    bf16_t *attn_out;                   /* [T, D] */
+    int64_t T, H, HD, OB, BLOCK, OM, B, CB, CM, K, RW, G, OL, OGI, D, GOL;
+    int64_t num_tokens, sliding_window, index_topk, qk_rope_head_dim;
+    int64_t S, PAD;
+    int variant;
+    int nth;
+    void *scratch;
+};
+int dsv4_sparse_attn_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_sparse_attn(void *a, struct dsv4_err *e);
+
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };
 struct dsv4_cast_args {

@@ -4,9 +4,14 @@ Written for reading: plain NumPy in pypto-lib's step order, every rounding
 point a call into dsv4.golden.numerics.
 """
 from . import numerics
+from .attention import (
+    decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
+)
 from .hc import hc_head, hc_post, hc_pre
 from .moe import expert_routed, expert_shared, gate, moe
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
 __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
-           "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe"]
+           "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
+           "prefill_sparse_attn", "decode_sparse_attn", "decode_sparse_attn_hca",
+           "decode_sparse_attn_swa"]

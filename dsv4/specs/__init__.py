@@ -4,15 +4,20 @@ keyed by pypto-lib's tensor names, ready for dsv4.<kernel>(**inputs).
 Also, per kernel, pypto-lib's comparator for each output (COMPARATORS) and the
 deployment cases `python -m dsv4 check` runs (CASES).
 """
-from . import hc, qkv
+from . import attention, hc, qkv
 from . import moe as _moe
+from .attention import (
+    decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
+)
 from .hc import hc_head, hc_post, hc_pre
 from .moe import expert_routed, expert_shared, gate, moe
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
-COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS}
-CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES}
+COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS,
+               **attention.COMPARATORS}
+CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES, **attention.CASES}
 
 __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
            "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
-           "COMPARATORS", "CASES"]
+           "prefill_sparse_attn", "decode_sparse_attn", "decode_sparse_attn_hca",
+           "decode_sparse_attn_swa", "COMPARATORS", "CASES"]

@@ -1,0 +1,474 @@
+/* Sparse attention with the grouped int8 output projection (spec chapter 03):
+ * prefill_sparse_attn, decode_sparse_attn (CSA), decode_sparse_attn_hca,
+ * decode_sparse_attn_swa. One implementation; the variants differ only in how
+ * a token's index row becomes tiles of KV rows:
+ *   prefill   the gathered rows, compacted, cut into tiles of 128 (§3.4)
+ *   CSA/HCA   positional tiles of 128 index columns, invalid columns masked (§5.3)
+ *   SWA       the ring page and the overlay block, validity as sets (§7.4)
+ * Every product is of two bf16 values, so exact in fp32: sums may run in any
+ * fixed order; the tile partition and the bf16 rounding of probabilities are
+ * the golden's.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+
+#include "core/gemm.h"
+#include "kernels/kernels.h"
+
+#define TILE 128
+#define COLS 64
+/* From this many tokens on, the first output projection runs as a GEMM on token panels;
+ * below it as dot products (the weights dominate, and panels would be mostly padding). */
+#define PANEL_MIN_T 32
+
+static float exp32(float z) { return (float)exp((double)z); }
+
+/* ---- index decoding --------------------------------------------------------- */
+
+/* Row of the KV row that raw index `raw` of token t addresses, or NULL if the
+ * contract says to skip it. Ranges were checked by prepare(). */
+static const bf16_t *kv_row(const struct dsv4_sparse_attn_args *a, int64_t t, int64_t raw)
+{
+    const int64_t WIN = a->sliding_window, HD = a->HD, BLOCK = a->BLOCK;
+    const int64_t b = t / a->S;
+    if (raw < 0)
+        return NULL;
+    if (raw < WIN) {
+        int64_t page = a->ori_block_table[b * a->OM + raw / BLOCK];
+        return a->ori_kv + (page * BLOCK + raw % BLOCK) * HD;
+    }
+    /* the overlay holds the whole chunk in prefill, the request's S tokens in decode */
+    int64_t width = a->variant == DSV4_ATTN_PREFILL ? a->T : a->S;
+    if (raw < WIN + width) {
+        int64_t u = raw - WIN;
+        if (a->variant == DSV4_ATTN_PREFILL)
+            return u < a->num_tokens ? a->kv_overlay + u * HD : NULL;
+        return a->kv_overlay + (b * a->S + u) * HD;
+    }
+    int64_t c = raw - WIN - width;
+    if (a->variant == DSV4_ATTN_PREFILL && c >= a->CM * BLOCK)
+        return NULL;                               /* beyond the table: skipped in prefill */
+    int64_t page = a->cmp_block_table[b * a->CM + c / BLOCK];
+    return a->cmp_kv + (page * BLOCK + c % BLOCK) * HD;
+}
+
+static int64_t prefill_len(const struct dsv4_sparse_attn_args *a, int64_t t)
+{
+    int64_t L = a->cmp_sparse_lens[t];
+    L = L < a->PAD ? L : a->PAD;
+    L = L < a->K ? L : a->K;
+    return L > 0 ? L : 0;
+}
+
+static int bad_index(struct dsv4_err *e, const char *table, int64_t b, int64_t p, int64_t v,
+                     int64_t n, const char *pool, int two_d)
+{
+    if (two_d)
+        snprintf(e->msg, sizeof e->msg, "%s[%lld, %lld] = %lld is outside [0, %lld) (pages of %s)",
+                 table, (long long)b, (long long)p, (long long)v, (long long)n, pool);
+    else
+        snprintf(e->msg, sizeof e->msg, "%s[%lld] = %lld is outside [0, %lld) (pages of %s)", table,
+                 (long long)p, (long long)v, (long long)n, pool);
+    return DSV4_EVALUE;
+}
+
+/* Every block-table entry a raw index would dereference must address a page. */
+static int check_raw(const struct dsv4_sparse_attn_args *a, int64_t t, int64_t k, struct dsv4_err *e)
+{
+    const int64_t WIN = a->sliding_window, BLOCK = a->BLOCK, b = t / a->S;
+    const int64_t raw = a->cmp_sparse_indices[t * a->K + k];
+    const int two_d = a->variant != DSV4_ATTN_PREFILL;
+    if (raw < 0)
+        return DSV4_OK;
+    if (raw < WIN) {
+        int64_t p = raw / BLOCK;
+        if (p >= a->OM) {
+            snprintf(e->msg, sizeof e->msg,
+                     "cmp_sparse_indices[%lld, %lld] = %lld is ring slot %lld, on page %lld of "
+                     "ori_block_table, which has %lld",
+                     (long long)t, (long long)k, (long long)raw, (long long)raw, (long long)p,
+                     (long long)a->OM);
+            return DSV4_EVALUE;
+        }
+        int64_t v = a->ori_block_table[b * a->OM + p];
+        return v < 0 || v >= a->OB ? bad_index(e, "ori_block_table", b, p, v, a->OB, "ori_kv", two_d)
+                                   : DSV4_OK;
+    }
+    if (a->variant == DSV4_ATTN_SWA)
+        return DSV4_OK;                         /* SWA reads ring and overlay rows only */
+    int64_t width = a->variant == DSV4_ATTN_PREFILL ? a->T : a->S;
+    if (raw < WIN + width)
+        return DSV4_OK;
+    int64_t c = raw - WIN - width, p = c / BLOCK;
+    if (p >= a->CM) {
+        if (a->variant == DSV4_ATTN_PREFILL)
+            return DSV4_OK;                     /* prefill skips slots beyond the table */
+        snprintf(e->msg, sizeof e->msg,
+                 "cmp_sparse_indices[%lld, %lld] = %lld is compressed slot %lld, on page %lld of "
+                 "cmp_block_table, which has %lld",
+                 (long long)t, (long long)k, (long long)raw, (long long)c, (long long)p, (long long)a->CM);
+        return DSV4_EVALUE;
+    }
+    int64_t v = a->cmp_block_table[b * a->CM + p];
+    return v < 0 || v >= a->CB ? bad_index(e, "cmp_block_table", b, p, v, a->CB, "cmp_kv", two_d)
+                               : DSV4_OK;
+}
+
+/* ---- scratch ----------------------------------------------------------------- */
+
+struct attn_thread {
+    const bf16_t **rows;      /* a token's KV rows, tile after tile */
+    int64_t *tile_end;        /* end of each tile in rows */
+    float *q, *kt, *s, *o, *oj, *m, *l;
+};
+
+struct attn_scratch {
+    float *ob;                /* [T, H*HD] attention output after inverse RoPE (bf16 values) */
+    float *o_r;               /* [T, G, OL] first projection */
+    int8_t *q8;               /* [G][Tp, lda(OL)] */
+    int32_t *q8sum;           /* [G][Tp] */
+    float *sdq;               /* [T, G] */
+    float *panel;             /* [G][T/32][OGI][32] token panels of the attention output */
+    float *wf;                /* per thread: COLS rows of wo_a in fp32 */
+    float *ct;                /* per thread: [COLS, 32] */
+    int32_t *pbuf;            /* per thread: [Tp, COLS] */
+    float *acc;               /* per thread: [Tp, COLS] */
+    struct attn_thread th[256];
+};
+
+static int64_t max_rows(const struct dsv4_sparse_attn_args *a)
+{
+    return a->variant == DSV4_ATTN_SWA ? a->sliding_window + TILE : a->K;
+}
+
+static void attn_layout(const struct dsv4_sparse_attn_args *a, struct dsv4_arena *ar,
+                        struct attn_scratch *s)
+{
+    const int64_t T = a->T, H = a->H, HD = a->HD, Tp = dsv4_gemm_i8_rows(T);
+    const int64_t nrow = max_rows(a), ntile = nrow / TILE + 2;
+    s->ob = dsv4_take(ar, (size_t)T * H * HD * sizeof(float));
+    s->o_r = dsv4_take(ar, (size_t)T * a->G * a->OL * sizeof(float));
+    s->q8 = dsv4_take(ar, (size_t)a->G * Tp * dsv4_gemm_i8_lda(a->OL));
+    s->q8sum = dsv4_take(ar, (size_t)a->G * Tp * sizeof(int32_t));
+    s->sdq = dsv4_take(ar, (size_t)T * a->G * sizeof(float));
+    if (T >= PANEL_MIN_T) {
+        int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
+        s->panel = dsv4_take(ar, (size_t)a->G * nb * a->OGI * DSV4_PANEL * sizeof(float));
+        s->wf = dsv4_take(ar, (size_t)a->nth * COLS * a->OGI * sizeof(float));
+        s->ct = dsv4_take(ar, (size_t)a->nth * COLS * DSV4_PANEL * sizeof(float));
+    }
+    s->pbuf = dsv4_take(ar, (size_t)a->nth * Tp * COLS * sizeof(int32_t));
+    s->acc = dsv4_take(ar, (size_t)a->nth * Tp * COLS * sizeof(float));
+    for (int i = 0; i < a->nth; i++) {
+        struct attn_thread *th = &s->th[i];
+        th->rows = dsv4_take(ar, (size_t)nrow * sizeof(bf16_t *));
+        th->tile_end = dsv4_take(ar, (size_t)ntile * sizeof(int64_t));
+        th->q = dsv4_take(ar, (size_t)H * HD * sizeof(float));
+        th->kt = dsv4_take(ar, (size_t)TILE * HD * sizeof(float));
+        th->s = dsv4_take(ar, (size_t)H * TILE * sizeof(float));
+        th->o = dsv4_take(ar, (size_t)H * HD * sizeof(float));
+        th->oj = dsv4_take(ar, (size_t)H * HD * sizeof(float));
+        th->m = dsv4_take(ar, (size_t)2 * H * sizeof(float));
+        th->l = dsv4_take(ar, (size_t)2 * H * sizeof(float));
+    }
+}
+
+int dsv4_sparse_attn_prepare(void *p, struct dsv4_err *e, size_t *scratch)
+{
+    struct dsv4_sparse_attn_args *a = p;
+    const int64_t R = a->qk_rope_head_dim;
+    if (a->variant == DSV4_ATTN_PREFILL) {
+        a->B = 1;
+        a->S = a->T;
+        if (a->num_tokens == INT64_MAX)
+            a->num_tokens = a->T;
+        if (a->num_tokens < 0 || a->num_tokens > a->T) {
+            snprintf(e->msg, sizeof e->msg, "num_tokens = %lld is outside [0, T = %lld]",
+                     (long long)a->num_tokens, (long long)a->T);
+            return DSV4_EVALUE;
+        }
+        /* the columns a token may use: the padded width of window + compressed rows (§1.2) */
+        int64_t WIN = a->sliding_window, mc = WIN + WIN / 2;
+        mc = mc < a->index_topk ? mc : a->index_topk;
+        mc = mc > 1 ? mc : 1;
+        int64_t top = (WIN < a->T ? WIN : a->T) + mc;
+        top = top < a->K ? top : a->K;
+        a->PAD = (top + TILE - 1) / TILE * TILE;
+    } else {
+        if (a->T % a->B) {
+            snprintf(e->msg, sizeof e->msg,
+                     "q has T = %lld tokens, not a multiple of the %lld requests of ori_block_table",
+                     (long long)a->T, (long long)a->B);
+            return DSV4_EVALUE;
+        }
+        a->S = a->T / a->B;
+        a->num_tokens = a->T;
+    }
+    if (a->variant == DSV4_ATTN_SWA && a->T > TILE) {
+        snprintf(e->msg, sizeof e->msg,
+                 "decode_sparse_attn_swa attends the step's overlay as one %d-row block; T = %lld "
+                 "is larger",
+                 TILE, (long long)a->T);
+        return DSV4_EVALUE;
+    }
+    if (a->sliding_window > 4096 || a->sliding_window < 1) {
+        snprintf(e->msg, sizeof e->msg, "sliding_window = %lld is outside [1, 4096]",
+                 (long long)a->sliding_window);
+        return DSV4_EVALUE;
+    }
+    if (R <= 0 || R % 2 || R >= a->HD || R > 512 || a->RW != R) {
+        snprintf(e->msg, sizeof e->msg,
+                 "the rope tables have %lld columns and head_dim is %lld; expected "
+                 "qk_rope_head_dim = %lld columns, even and below head_dim",
+                 (long long)a->RW, (long long)a->HD, (long long)R);
+        return DSV4_EVALUE;
+    }
+    if (a->H % a->G || a->OGI != a->H / a->G * a->HD || a->GOL != a->G * a->OL) {
+        snprintf(e->msg, sizeof e->msg,
+                 "wo_a is [%lld, %lld, %lld] and wo_b has %lld columns; expected [G, O_LORA, "
+                 "H/G * head_dim] with H = %lld heads (from 'q') and G * O_LORA columns",
+                 (long long)a->G, (long long)a->OL, (long long)a->OGI, (long long)a->GOL,
+                 (long long)a->H);
+        return DSV4_EVALUE;
+    }
+    if (a->OL > 65536 || a->H > 4096) {
+        snprintf(e->msg, sizeof e->msg, "o_lora_rank %lld or %lld heads is too large",
+                 (long long)a->OL, (long long)a->H);
+        return DSV4_EVALUE;
+    }
+    for (int64_t t = 0; t < a->num_tokens; t++) {
+        int64_t L = a->variant == DSV4_ATTN_PREFILL ? prefill_len(a, t) : a->K;
+        for (int64_t k = 0; k < L; k++)
+            if (check_raw(a, t, k, e))
+                return DSV4_EVALUE;
+    }
+    a->nth = dsv4_num_threads() > 256 ? 256 : dsv4_num_threads();
+    struct dsv4_arena ar = {0};
+    struct attn_scratch s;
+    attn_layout(a, &ar, &s);
+    *scratch = ar.used;
+    return DSV4_OK;
+}
+
+/* The token's tiles of KV rows; returns the number of tiles (0: nothing to attend). */
+static int64_t token_tiles(const struct dsv4_sparse_attn_args *a, int64_t t, struct attn_thread *th)
+{
+    const int32_t *idx = a->cmp_sparse_indices + t * a->K;
+    int64_t n = 0, nt = 0;
+    if (a->variant == DSV4_ATTN_PREFILL) {
+        if (t >= a->num_tokens)
+            return 0;
+        int64_t L = prefill_len(a, t);
+        for (int64_t k = 0; k < L; k++) {
+            const bf16_t *r = kv_row(a, t, idx[k]);
+            if (r)
+                th->rows[n++] = r;
+        }
+        for (int64_t i = TILE; i < n; i += TILE)
+            th->tile_end[nt++] = i;
+        if (n)
+            th->tile_end[nt++] = n;
+        return nt;
+    }
+    if (a->variant == DSV4_ATTN_DECODE) {
+        for (int64_t k0 = 0; k0 < a->K; k0 += TILE) {     /* masked columns leave no row */
+            int64_t n0 = n;
+            for (int64_t k = k0; k < k0 + TILE && k < a->K; k++) {
+                const bf16_t *r = kv_row(a, t, idx[k]);
+                if (r)
+                    th->rows[n++] = r;
+            }
+            if (n > n0)                                   /* an all-masked tile is a no-op */
+                th->tile_end[nt++] = n;
+        }
+        return nt;
+    }
+    /* SWA: sets of ring slots and of the request's overlay rows, each in physical order */
+    const int64_t WIN = a->sliding_window, b = t / a->S;
+    unsigned char ring[4096] = {0}, ov[TILE] = {0};
+    for (int64_t k = 0; k < a->K; k++) {
+        int64_t raw = idx[k];
+        if (raw >= 0 && raw < WIN)
+            ring[raw] = 1;
+        else if (raw >= WIN && raw < WIN + a->S)
+            ov[b * a->S + raw - WIN] = 1;
+    }
+    for (int64_t r0 = 0; r0 < WIN; r0 += TILE) {      /* ring slots, a tile per 128 */
+        int64_t n0 = n;
+        for (int64_t r = r0; r < r0 + TILE && r < WIN; r++)
+            if (ring[r])
+                th->rows[n++] = kv_row(a, t, r);
+        if (n > n0)
+            th->tile_end[nt++] = n;
+    }
+    int64_t n0 = n;
+    for (int64_t r = 0; r < a->T; r++)
+        if (ov[r])
+            th->rows[n++] = a->kv_overlay + r * a->HD;
+    if (n > n0)
+        th->tile_end[nt++] = n;
+    return nt;
+}
+
+/* O[t] of §2.2-2.4 for one token, then the inverse RoPE of §2.5, into ob (bf16 values). */
+static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struct attn_thread *th,
+                         float *ob)
+{
+    const int64_t H = a->H, HD = a->HD, R = a->qk_rope_head_dim, N = HD - R;
+    const float scale = (float)pow((double)HD, -0.5);
+    int64_t ntile = token_tiles(a, t, th);
+    if (!ntile) {
+        memset(ob, 0, (size_t)H * HD * sizeof(float));
+        return;
+    }
+    dsv4_bf16_row_to_f32(a->q + t * H * HD, H * HD, th->q);
+    float *m = th->m, *l = th->l, *mj = th->m + H, *lj = th->l + H;
+    for (int64_t j = 0, start = 0; j < ntile; start = th->tile_end[j++]) {
+        int64_t n = th->tile_end[j] - start;
+        for (int64_t i = 0; i < n; i++)
+            dsv4_bf16_row_to_f32(th->rows[start + i], HD, th->kt + i * HD);
+        dsv4_dot_fma_grid(th->q, HD, H, th->kt, NULL, HD, n, HD, th->s, TILE);
+        float *o = j ? th->oj : th->o;
+        for (int64_t h = 0; h < H; h++) {          /* tile statistics (§2.2) */
+            float *s = th->s + h * TILE, mx = -INFINITY, sum = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                s[i] = s[i] * scale;
+                mx = s[i] > mx ? s[i] : mx;
+            }
+            for (int64_t i = 0; i < n; i++) {
+                float ex = exp32(s[i] - mx);
+                sum = sum + ex;
+                s[i] = dsv4_round_bf16(ex);       /* PV uses bf16 probabilities, l the fp32 ones */
+            }
+            mj[h] = mx;
+            lj[h] = sum;
+        }
+        dsv4_pv(th->s, TILE, H, th->kt, n, HD, o);
+        for (int64_t h = 0; h < H; h++) {
+            float mx = mj[h], sum = lj[h];
+            const float *oh = o + h * HD;
+            if (!j) {
+                m[h] = mx;
+                l[h] = sum;
+                continue;
+            }
+            /* online merge in tile order (§2.3) */
+            float mn = m[h] > mx ? m[h] : mx;
+            float alpha = exp32(m[h] - mn), beta = exp32(mx - mn);
+            l[h] = alpha * l[h] + beta * sum;
+            float *acc = th->o + h * HD;
+            for (int64_t d = 0; d < HD; d++)
+                acc[d] = acc[d] * alpha + oh[d] * beta;
+            m[h] = mn;
+        }
+    }
+    float cosr[256], sinr[256];
+    dsv4_bf16_row_to_f32(a->freqs_cos + t * a->RW, R / 2, cosr);
+    dsv4_bf16_row_to_f32(a->freqs_sin + t * a->RW, R / 2, sinr);
+    for (int64_t h = 0; h < H; h++) {
+        float denom = l[h] + exp32(a->attn_sink[h] - m[h]);    /* the sink: a logit without a value */
+        float *oh = th->o + h * HD, *out = ob + h * HD;
+        for (int64_t d = 0; d < HD; d++)
+            oh[d] = oh[d] / denom;
+        for (int64_t d = 0; d < N; d++)
+            out[d] = dsv4_round_bf16(oh[d]);
+        bf16_t rot[512];
+        dsv4_rope_bf16(oh + N, cosr, sinr, R, 1, rot);
+        dsv4_bf16_row_to_f32(rot, R, out + N);
+    }
+}
+
+int dsv4_sparse_attn(void *p, struct dsv4_err *e)
+{
+    const struct dsv4_sparse_attn_args *a = p;
+    struct dsv4_arena ar = {a->scratch, 0};
+    struct attn_scratch s;
+    attn_layout(a, &ar, &s);
+    const int64_t T = a->T, H = a->H, HD = a->HD, G = a->G, OL = a->OL, OGI = a->OGI, D = a->D;
+    const int64_t Tp = dsv4_gemm_i8_rows(T), lda = dsv4_gemm_i8_lda(OL);
+
+    #pragma omp parallel num_threads(a->nth)
+    {
+        const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
+        struct attn_thread *th = &s.th[ith];
+        for (int64_t t = ith; t < T; t += nth)
+            attend_token(a, t, th, s.ob + t * H * HD);
+        #pragma omp barrier
+
+        /* first projection, per group: o_r[t, g, :] = Ob[t, group g] . wo_a[g]^T */
+        const int64_t ur = (OL + COLS - 1) / COLS;
+        if (T < PANEL_MIN_T) {
+            for (int64_t u = ith; u < G * ur; u += nth) {
+                int64_t g = u / ur, r0 = (u % ur) * COLS, nr = OL - r0 < COLS ? OL - r0 : COLS;
+                dsv4_dot_fma_grid(s.ob + g * OGI, H * HD, T, NULL, a->wo_a + (g * OL + r0) * OGI,
+                                  OGI, nr, OGI, s.o_r + g * OL + r0, G * OL);
+            }
+        } else {
+            /* panels of 32 tokens, [OGI][32], so that wo_a rows meet them as a GEMM */
+            const int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
+            for (int64_t u = ith; u < G * nb; u += nth) {
+                int64_t g = u / nb, t0 = (u % nb) * DSV4_PANEL;
+                float *P = s.panel + (size_t)u * OGI * DSV4_PANEL;
+                for (int64_t j = 0; j < DSV4_PANEL; j++) {
+                    const float *x = s.ob + (t0 + j) * H * HD + g * OGI;
+                    for (int64_t k = 0; k < OGI; k++)
+                        P[k * DSV4_PANEL + j] = t0 + j < T ? x[k] : 0.0f;
+                }
+            }
+            #pragma omp barrier
+            float *wf = s.wf + (size_t)ith * COLS * OGI, *ct = s.ct + (size_t)ith * COLS * DSV4_PANEL;
+            for (int64_t u = ith; u < G * ur; u += nth) {
+                int64_t g = u / ur, r0 = (u % ur) * COLS, nr = OL - r0 < COLS ? OL - r0 : COLS;
+                int64_t mr = dsv4_round_up(nr, DSV4_GEMM_MR);
+                dsv4_bf16_row_to_f32(a->wo_a + (g * OL + r0) * OGI, nr * OGI, wf);
+                memset(wf + nr * OGI, 0, (size_t)(mr - nr) * OGI * sizeof(float));
+                for (int64_t b = 0; b < nb; b++) {
+                    int64_t t0 = b * DSV4_PANEL, nc = T - t0 < DSV4_PANEL ? T - t0 : DSV4_PANEL;
+                    dsv4_gemm_f32_panel(wf, mr, OGI, s.panel + (size_t)(g * nb + b) * OGI * DSV4_PANEL,
+                                        ct, DSV4_PANEL, nc);
+                    for (int64_t r = 0; r < nr; r++)
+                        for (int64_t j = 0; j < nc; j++)
+                            s.o_r[((t0 + j) * G + g) * OL + r0 + r] = ct[r * DSV4_PANEL + j];
+                }
+            }
+        }
+        #pragma omp barrier
+
+        /* per (token, group) int8 quantisation, reciprocal-multiply scale (§2.6) */
+        for (int64_t u = ith; u < G * Tp; u += nth) {
+            int64_t g = u / Tp, t = u % Tp;
+            int8_t *q = s.q8 + (g * Tp + t) * lda;
+            memset(q, 0, (size_t)lda);
+            if (t < T)
+                s.sdq[t * G + g] = dsv4_quant_row_i8(s.o_r + (t * G + g) * OL, OL, q);
+            int32_t sum = 0;
+            for (int64_t r = 0; r < OL; r++)
+                sum += q[r];
+            s.q8sum[g * Tp + t] = sum;
+        }
+        #pragma omp barrier
+
+        /* second projection: exact int32 per group, dequantised and summed in group order */
+        int32_t *pb = s.pbuf + (size_t)ith * Tp * COLS;
+        float *acc = s.acc + (size_t)ith * Tp * COLS;
+        const int64_t un = (D + COLS - 1) / COLS;
+        for (int64_t u = ith; u < un; u += nth) {
+            int64_t n0 = u * COLS, nc = D - n0 < COLS ? D - n0 : COLS;
+            for (int64_t i = 0; i < T * COLS; i++)
+                acc[i] = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                dsv4_gemm_i8_nt(s.q8 + g * Tp * lda, s.q8sum + g * Tp, Tp, OL, a->wo_b + g * OL,
+                                a->GOL, n0, nc, pb, COLS);
+                for (int64_t t = 0; t < T; t++)
+                    for (int64_t c = 0; c < nc; c++)
+                        acc[t * COLS + c] = acc[t * COLS + c] + (float)pb[t * COLS + c] * s.sdq[t * G + g];
+            }
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t c = 0; c < nc; c++)
+                    a->attn_out[t * D + n0 + c] =
+                        dsv4_f32_to_bf16(acc[t * COLS + c] * a->wo_b_scale[n0 + c]);
+        }
+    }
+    return DSV4_OK;
+}
