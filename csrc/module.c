@@ -17,7 +17,9 @@
 
 #include "kernels/kernels.h"
 
-enum role { IN, OUT, UNUSED };      /* UNUSED: accepted for pypto-lib's dicts, checked, not read */
+/* UNUSED: accepted for pypto-lib's dicts, checked, not read.
+ * INOUT: a state or cache updated in place (pypto-lib's InOut tensors) and returned. */
+enum role { IN, OUT, UNUSED, INOUT };
 enum { OPTIONAL = 1, FLAT = 2 };     /* FLAT: any shape holding prod(dims) elements */
 enum { SC_INT, SC_FLOAT };
 enum { ALL_ROWS = 2 };             /* has_default: None, the kernel uses every row */
@@ -701,12 +703,13 @@ static int check_output(const struct kernel_spec *k, int j, PyObject *const *tv)
 {
     PyArrayObject *out = (PyArrayObject *)tv[j];
     if (!PyArray_ISWRITEABLE(out)) {
-        PyErr_Format(PyExc_ValueError, "%s: output '%s' is read-only", k->name, k->args[j].name);
+        PyErr_Format(PyExc_ValueError, "%s: output '%s' is read-only (it is written in place)",
+                     k->name, k->args[j].name);
         return -1;
     }
     char *lo = PyArray_DATA(out), *hi = lo + PyArray_NBYTES(out);
     for (int i = 0; k->args[i].name; i++) {
-        if (i == j || !tv[i])
+        if (i == j || !tv[i] || !PyArray_Check(tv[i]))     /* others are checked in turn */
             continue;
         PyArrayObject *a = (PyArrayObject *)tv[i];
         char *alo = PyArray_DATA(a), *ahi = alo + PyArray_NBYTES(a);
@@ -819,8 +822,12 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
             }
             if (check_array(k, as, tv[j], st, bound_by))
                 goto done;
-            if (as->role == IN)
+            if (as->role == INOUT && check_output(k, j, tv))
+                goto done;
+            if (as->role == IN || as->role == INOUT)
                 *(const void **)(st + as->off) = PyArray_DATA((PyArrayObject *)tv[j]);
+            if (as->role == INOUT)
+                outs[j] = Py_NewRef(tv[j]);
         }
     for (int j = 0; j < ns; j++) {
         const struct scalar_spec *ss = &k->scalars[j];
@@ -899,7 +906,7 @@ done:
 
 /* ---- introspection and settings ----------------------------------------------- */
 
-static const char *role_names[] = {"in", "out", "unused"};
+static const char *role_names[] = {"in", "out", "unused", "inout"};
 
 static PyObject *kernel_table(PyObject *self, PyObject *unused)
 {

@@ -22,6 +22,7 @@ def _make(row):
     raw = getattr(_C, row["name"])
     ins = [a for a in row["args"] if a["role"] != "out"]
     outs = [a for a in row["args"] if a["role"] == "out"]
+    inouts = [a for a in row["args"] if a["role"] == "inout"]
     from_config = [s["name"] for s in row["scalars"] if s["from_config"]]
     user_scalars = [s for s in row["scalars"] if not s["from_config"]]
 
@@ -45,7 +46,7 @@ def _make(row):
 
     lines = [row["doc"], "", "Parameters", "----------"]
     for a in ins:
-        note = " (optional, not read)" if a["role"] == "unused" else ""
+        note = {"unused": " (optional, not read)", "inout": " (updated in place)"}.get(a["role"], "")
         flat = "; any shape with that many elements" if a["flat"] else ""
         lines.append(f"{a['name']} : {_describe(a)}{flat}{note}")
     for s in user_scalars:
@@ -58,12 +59,14 @@ def _make(row):
     lines.append("    Output buffers to write in place (as pypto-lib's goldens do); allocated if not given.")
     lines += ["", "Returns", "-------", "dict"]
     lines += [f"    {a['name']} : {_describe(a)}" for a in outs]
+    lines += [f"    {a['name']} : the argument itself, updated" for a in inouts]
     lines += ["", f"The NumPy golden is dsv4.golden.{row['name']}; inputs: dsv4.specs.{row['name']}."]
     kernel.__doc__ = "\n".join(lines)
     kernel.__signature__ = sig
     kernel.__name__ = kernel.__qualname__ = row["name"]
     kernel.__module__ = "dsv4"
     kernel.outputs = tuple(a["name"] for a in outs)
+    kernel.inouts = tuple(a["name"] for a in inouts)
     return kernel
 
 
