@@ -316,6 +316,59 @@ static const struct scalar_spec decode_attn_scalars[] = {
     {"qk_rope_head_dim", SC_INT, ATT(qk_rope_head_dim), 1, 0, 0.0},
     {0}};
 
+#define DCP(f) offsetof(struct dsv4_decode_compressor_args, f)
+static const struct dim_spec dcp_dims[] = {
+    {"B", DCP(B)}, {"S", DCP(S)}, {"D", DCP(D)}, {"HD", DCP(HD)}, {"OD", DCP(OD)},
+    {"NB", DCP(NB)}, {"PAGE", DCP(PAGE)}, {"SW", DCP(SW)}, {"NP", DCP(NP)}, {"R", DCP(R)},
+    {"R2", DCP(R2)}, {"NC", DCP(NC)}, {"CBLK", DCP(CBLK)}, {0}};
+static const struct arg_spec dcp_args[] = {
+    {"x", DSV4_BF16, "B,S,D", IN, 0, DCP(x)},
+    {"kv", DSV4_F32, "B,S,HD", OUT, 0, DCP(kv)},
+    {"compress_state", DSV4_F32, "NB,PAGE,SW", INOUT, 0, DCP(compress_state)},
+    {"compress_state_block_table", DSV4_I32, "B,NP", IN, 0, DCP(compress_state_block_table)},
+    {"wkv", DSV4_BF16, "OD,D", IN, 0, DCP(wkv)},
+    {"wgate", DSV4_BF16, "OD,D", IN, 0, DCP(wgate)},
+    {"ape", DSV4_F32, "R,OD", IN, 0, DCP(ape)},
+    {"norm_w", DSV4_BF16, "HD", IN, 0, DCP(norm_w)},
+    {"cos", DSV4_F32, "B,R2", IN, 0, DCP(cos)},
+    {"sin", DSV4_F32, "B,R2", IN, 0, DCP(sin)},
+    {"cmp_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, DCP(cmp_kv_cache)},
+    {"position_ids", DSV4_I32, "B,S", IN, 0, DCP(position_ids)},
+    {"cmp_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(cmp_slot_mapping)},
+    {"state_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(state_slot_mapping)},
+    {0}};
+static const struct scalar_spec dcp_scalars[] = {
+    {"rms_norm_eps", SC_FLOAT, DCP(rms_norm_eps), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, DCP(qk_rope_head_dim), 1, 0, 0.0},
+    {0}};
+
+#define PCP(f) offsetof(struct dsv4_prefill_compressor_args, f)
+static const struct dim_spec pcp_dims[] = {
+    {"T", PCP(T)}, {"D", PCP(D)}, {"OD", PCP(OD)}, {"HD", PCP(HD)}, {"NB", PCP(NB)},
+    {"PAGE", PCP(PAGE)}, {"NP", PCP(NP)}, {"R", PCP(R)}, {"MAXS", PCP(MAXS)}, {"RW", PCP(RW)},
+    {"NC", PCP(NC)}, {"CBLK", PCP(CBLK)}, {0}};
+static const struct arg_spec pcp_args[] = {
+    {"x", DSV4_BF16, "T,D", IN, 0, PCP(x)},
+    {"kv_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(kv_state)},
+    {"score_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(score_state)},
+    {"compress_state_block_table", DSV4_I32, "NP", IN, 0, PCP(compress_state_block_table)},
+    {"wkv", DSV4_BF16, "OD,D", IN, 0, PCP(wkv)},
+    {"wgate", DSV4_BF16, "OD,D", IN, 0, PCP(wgate)},
+    {"ape", DSV4_F32, "R,OD", IN, 0, PCP(ape)},
+    {"norm_w", DSV4_BF16, "HD", IN, 0, PCP(norm_w)},
+    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_cos)},
+    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_sin)},
+    {"cmp_kv", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, PCP(cmp_kv)},
+    {"position_ids", DSV4_I32, "T", IN, 0, PCP(position_ids)},
+    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, PCP(cmp_slot_mapping)},
+    {"state_slot_mapping", DSV4_I64, "T", IN, 0, PCP(state_slot_mapping)},
+    {0}};
+static const struct scalar_spec pcp_scalars[] = {
+    {"num_tokens", SC_INT, PCP(num_tokens), 0, ALL_ROWS, 0.0},
+    {"rms_norm_eps", SC_FLOAT, PCP(rms_norm_eps), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, PCP(qk_rope_head_dim), 1, 0, 0.0},
+    {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -443,6 +496,26 @@ static const struct kernel_spec kernels[] = {
         "not read.",
         0, DSV4_ATTN_SWA, dsv4_sparse_attn_args, swa_attn_args, decode_attn_scalars,
         attn_dims, dsv4_sparse_attn),
+    ROW("decode_compressor_ratio4",
+        "CSA KV compressor, one decode step (S = 1): each token's kv and score (+ape) "
+        "projections go to the paged state; a token completing a window of 4 pools the "
+        "overlapping 8 rows (front halves of the previous window, back halves of this one), "
+        "RMSNorm, RoPE, and writes kv and one cmp_kv_cache row. States and caches in place.",
+        0, 4, dsv4_decode_compressor_args, dcp_args, dcp_scalars, dcp_dims, dsv4_decode_compressor),
+    ROW("decode_compressor_ratio128",
+        "HCA KV compressor, one decode step (S = 1): as decode_compressor_ratio4 with windows of "
+        "128 positions and no overlap.",
+        0, 128, dsv4_decode_compressor_args, dcp_args, dcp_scalars, dcp_dims, dsv4_decode_compressor),
+    ROW("prefill_compressor_ratio4",
+        "CSA KV compressor, one prefill chunk of one request: every token with a "
+        "cmp_slot_mapping entry pools its overlapping 8-row window (online form) from the state "
+        "before the chunk overlaid with the chunk's rows, RMSNorm, RoPE at the window start, "
+        "one cmp_kv row; then the chunk's rows are appended to kv_state / score_state.",
+        0, 4, dsv4_prefill_compressor_args, pcp_args, pcp_scalars, pcp_dims, dsv4_prefill_compressor),
+    ROW("prefill_compressor_ratio128",
+        "HCA KV compressor, one prefill chunk (T <= 128): as prefill_compressor_ratio4 with "
+        "windows of 128 positions, no overlap, batch-form pooling, missing rows as (0, 0).",
+        0, 128, dsv4_prefill_compressor_args, pcp_args, pcp_scalars, pcp_dims, dsv4_prefill_compressor),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",

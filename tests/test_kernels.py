@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import dsv4
+from dsv4.check import fresh
 from dsv4.compare import compare_outputs
 from conftest import same_bits
 
@@ -14,8 +15,8 @@ KERNELS = sorted(dsv4.KERNELS)
 
 
 def c_vs_golden(kernel, inputs, **kw):
-    c = dsv4.KERNELS[kernel](**inputs, **kw)
-    g = getattr(dsv4.golden, kernel)(**inputs, **kw)
+    c = dsv4.KERNELS[kernel](**fresh(kernel, inputs), **kw)
+    g = getattr(dsv4.golden, kernel)(**fresh(kernel, inputs), **kw)
     assert set(c) == set(g) - {"stages"}
     report = compare_outputs(c, g, dsv4.specs.COMPARATORS[kernel], inputs=inputs)
     assert report, str(report)
@@ -91,7 +92,7 @@ def small_inputs(kernel, seed=7):
     if "T" in params:
         params["T"] = 3
     if "B" in params:
-        params.update(B=2, S=3)
+        params.update(B=2)
     return getattr(dsv4.specs, kernel)(**params, seed=seed)
 
 
@@ -101,7 +102,7 @@ def test_same_bits_for_any_thread_count(kernel, threads):
     runs = []
     for n in (1, 2, 3):
         threads(n)
-        runs.append(dsv4.KERNELS[kernel](**inputs))
+        runs.append(dsv4.KERNELS[kernel](**fresh(kernel, inputs)))
     for other in runs[1:]:
         for name in runs[0]:
             assert same_bits(runs[0][name], other[name]), name
@@ -112,9 +113,9 @@ def test_same_bits_for_any_thread_count(kernel, threads):
 def test_same_bits_scalar_and_simd(kernel, isa):
     inputs = small_inputs(kernel)
     isa("scalar")
-    ref = dsv4.KERNELS[kernel](**inputs)
+    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
     isa("avx512")
-    out = dsv4.KERNELS[kernel](**inputs)
+    out = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
     for name in ref:
         assert same_bits(ref[name], out[name]), name
 
@@ -123,8 +124,8 @@ def test_same_bits_scalar_and_simd(kernel, isa):
 def test_inputs_unchanged(kernel):
     inputs = small_inputs(kernel)
     before = {k: np.copy(v) for k, v in inputs.items()}
-    dsv4.KERNELS[kernel](**inputs)
-    getattr(dsv4.golden, kernel)(**inputs)
+    dsv4.KERNELS[kernel](**fresh(kernel, inputs))
+    getattr(dsv4.golden, kernel)(**fresh(kernel, inputs))
     for k in inputs:
         assert same_bits(np.asarray(inputs[k]), before[k]), k
 
@@ -138,8 +139,8 @@ def test_names_are_symmetric(kernel):
     assert list(c.parameters) == [p for p in g.parameters if p != "stages"]
     assert callable(getattr(dsv4.specs, kernel))
     assert kernel in dsv4.specs.COMPARATORS and kernel in dsv4.specs.CASES
-    outs = getattr(dsv4, kernel).outputs
-    assert set(dsv4.specs.COMPARATORS[kernel]) == set(outs)
+    outs, inouts = getattr(dsv4, kernel).outputs, getattr(dsv4, kernel).inouts
+    assert set(outs) <= set(dsv4.specs.COMPARATORS[kernel]) <= set(outs) | set(inouts)
     doc = getattr(dsv4, kernel).__doc__
     for name in list(c.parameters) + list(outs):
         assert name in doc
@@ -282,23 +283,24 @@ def test_set_num_threads_rejects_nonsense():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_output_buffers_are_written_in_place(kernel):
     inputs = small_inputs(kernel)
-    ref = dsv4.KERNELS[kernel](**inputs)
+    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
     for impl in (dsv4.KERNELS[kernel], getattr(dsv4.golden, kernel)):
-        bufs = {k: np.zeros_like(v) for k, v in ref.items()}
+        bufs = {k: np.zeros_like(v) for k, v in ref.items() if k in dsv4.KERNELS[kernel].outputs}
         # a pypto-lib tensor dict holds the zeroed outputs beside the inputs
-        out = impl(**inputs, **bufs)
+        out = impl(**fresh(kernel, inputs), **bufs)
         for name, buf in bufs.items():
             assert out[name] is buf, name
         if impl is dsv4.KERNELS[kernel]:
-            for name in ref:
+            for name in bufs:
                 assert same_bits(bufs[name], ref[name]), name
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if dsv4.KERNELS[k].outputs])
 def test_bad_output_buffers(kernel):
     inputs = small_inputs(kernel)
-    ref = dsv4.KERNELS[kernel](**inputs)
-    name, v = next(iter(ref.items()))
+    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
+    name = dsv4.KERNELS[kernel].outputs[0]
+    v = ref[name]
     with pytest.raises(ValueError, match=f"'{name}'"):
         dsv4.KERNELS[kernel](**inputs, **{name: np.zeros(v.shape[:-1] + (v.shape[-1] + 1,), v.dtype)})
     with pytest.raises(TypeError, match=f"'{name}'"):
@@ -340,3 +342,35 @@ def test_vector_bf16_store_matches_scalar_on_special_values(isa):
     y = ref.astype(np.float32)
     assert np.isnan(y[0, 0, 0]) and y[0, 0, 1] == np.inf
     assert y[0, 1, 8] == 1.0 and y[0, 1, 9] == -1.0
+
+
+# ---- states and caches (pypto-lib's InOut tensors) ------------------------------------
+
+INOUT_KERNELS = [k for k in KERNELS if dsv4.KERNELS[k].inouts]
+
+
+@pytest.mark.parametrize("kernel", INOUT_KERNELS)
+def test_inout_arguments(kernel):
+    inputs = small_inputs(kernel)
+    kw = fresh(kernel, inputs)
+    out = dsv4.KERNELS[kernel](**kw)
+    for name in dsv4.KERNELS[kernel].inouts:
+        assert out[name] is kw[name], name             # updated in place and returned
+    ro = fresh(kernel, inputs)
+    name = dsv4.KERNELS[kernel].inouts[0]
+    ro[name].setflags(write=False)
+    with pytest.raises(ValueError, match=f"'{name}' is read-only"):
+        dsv4.KERNELS[kernel](**ro)
+
+
+@pytest.mark.parametrize("kernel", [k for k in INOUT_KERNELS if dsv4.KERNELS[k].outputs])
+def test_bad_output_buffer_leaves_states_untouched(kernel):
+    inputs = small_inputs(kernel)
+    name = dsv4.KERNELS[kernel].outputs[0]
+    for impl in (dsv4.KERNELS[kernel], getattr(dsv4.golden, kernel)):
+        kw = fresh(kernel, inputs)
+        before = {k: kw[k].copy() for k in dsv4.KERNELS[kernel].inouts}
+        with pytest.raises((ValueError, TypeError), match=name):
+            impl(**kw, **{name: np.zeros((1,), np.float64)})
+        for k in before:
+            assert same_bits(kw[k], before[k]), k

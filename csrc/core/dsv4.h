@@ -101,6 +101,15 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
 void dsv4_gemm_f32_panel(const float *A, int64_t M, int64_t K, const float *P, float *C,
                          int64_t ldc, int64_t nc);
 
+/* out[t, n] = X[t, :] . W[n, :] for bf16 weight rows W [N, K] (ldw) and X [T, K] fp32
+ * holding bf16 values; runs its own parallel region of nth threads. work holds
+ * dsv4_xwt_work(T, N, K, nth) bytes. Below DSV4_XWT_PANEL_MIN tokens the sums follow the
+ * dsv4_dot_f32 lane order, from it on the sequential-k order of the GEMM. */
+#define DSV4_XWT_PANEL_MIN 32
+size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int nth);
+void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
+              int64_t K, float *out, int64_t ldo, void *work, int nth);
+
 /* A is int8 [M, K] prepared by dsv4_gemm_i8_prep_a (rows padded, k padded to 4). */
 int64_t dsv4_gemm_i8_lda(int64_t K);
 int64_t dsv4_gemm_i8_rows(int64_t M);

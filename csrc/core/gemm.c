@@ -337,3 +337,68 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
     (void)rowsum;
     gemm_i8_nt_scalar(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
 }
+
+
+/* ---- out[T, N] = X[T, K] . W[N, K]^T for bf16 weights stored as rows ---------------
+ * Few tokens: dot products, one per output, in the dsv4_dot_f32 lane order. From
+ * DSV4_XWT_PANEL_MIN tokens on: the tokens are laid out as [K][32] panels and every group
+ * of weight rows meets them in the register-blocked GEMM (sequential k). Both paths are
+ * exact per product for bf16-valued X; each output comes from one thread. */
+
+#include <omp.h>
+
+#define XWT_ROWS 64
+
+size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int nth)
+{
+    if (T < DSV4_XWT_PANEL_MIN)
+        return 0;
+    int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
+    return ((size_t)nb * K * DSV4_PANEL + (size_t)nth * (XWT_ROWS * K + XWT_ROWS * DSV4_PANEL)) *
+           sizeof(float);
+}
+
+void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
+              int64_t K, float *out, int64_t ldo, void *work, int nth)
+{
+    const int64_t units = (N + XWT_ROWS - 1) / XWT_ROWS;
+    if (T < DSV4_XWT_PANEL_MIN) {
+        #pragma omp parallel for schedule(static) num_threads(nth)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t r0 = u * XWT_ROWS, nr = N - r0 < XWT_ROWS ? N - r0 : XWT_ROWS;
+            dsv4_dot_fma_grid(X, ldx, T, NULL, W + r0 * ldw, ldw, nr, K, out + r0, ldo);
+        }
+        return;
+    }
+    const int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
+    float *panels = work, *thr = panels + (size_t)nb * K * DSV4_PANEL;
+    #pragma omp parallel num_threads(nth)
+    {
+        const int ith = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int64_t b = ith; b < nb; b += nt) {
+            float *P = panels + (size_t)b * K * DSV4_PANEL;
+            for (int64_t j = 0; j < DSV4_PANEL; j++) {
+                int64_t t = b * DSV4_PANEL + j;
+                for (int64_t k = 0; k < K; k++)
+                    P[k * DSV4_PANEL + j] = t < T ? X[t * ldx + k] : 0.0f;
+            }
+        }
+        #pragma omp barrier
+        float *wf = thr + (size_t)ith * (XWT_ROWS * K + XWT_ROWS * DSV4_PANEL);
+        float *ct = wf + XWT_ROWS * K;
+        for (int64_t u = ith; u < units; u += nt) {
+            int64_t r0 = u * XWT_ROWS, nr = N - r0 < XWT_ROWS ? N - r0 : XWT_ROWS;
+            int64_t mr = dsv4_round_up(nr, DSV4_GEMM_MR);
+            for (int64_t r = 0; r < nr; r++)
+                dsv4_bf16_row_to_f32(W + (r0 + r) * ldw, K, wf + r * K);
+            memset(wf + nr * K, 0, (size_t)(mr - nr) * K * sizeof(float));
+            for (int64_t b = 0; b < nb; b++) {
+                int64_t t0 = b * DSV4_PANEL, nc = T - t0 < DSV4_PANEL ? T - t0 : DSV4_PANEL;
+                dsv4_gemm_f32_panel(wf, mr, K, panels + (size_t)b * K * DSV4_PANEL, ct, DSV4_PANEL, nc);
+                for (int64_t r = 0; r < nr; r++)
+                    for (int64_t j = 0; j < nc; j++)
+                        out[(t0 + j) * ldo + r0 + r] = ct[r * DSV4_PANEL + j];
+            }
+        }
+    }
+}

@@ -18,9 +18,6 @@
 
 #define TILE 128
 #define COLS 64
-/* From this many tokens on, the first output projection runs as a GEMM on token panels;
- * below it as dot products (the weights dominate, and panels would be mostly padding). */
-#define PANEL_MIN_T 32
 
 static float exp32(float z) { return (float)exp((double)z); }
 
@@ -129,9 +126,7 @@ struct attn_scratch {
     int8_t *q8;               /* [G][Tp, lda(OL)] */
     int32_t *q8sum;           /* [G][Tp] */
     float *sdq;               /* [T, G] */
-    float *panel;             /* [G][T/32][OGI][32] token panels of the attention output */
-    float *wf;                /* per thread: COLS rows of wo_a in fp32 */
-    float *ct;                /* per thread: [COLS, 32] */
+    void *xwt;                /* work of the first projection */
     int32_t *pbuf;            /* per thread: [Tp, COLS] */
     float *acc;               /* per thread: [Tp, COLS] */
     struct attn_thread th[256];
@@ -152,12 +147,7 @@ static void attn_layout(const struct dsv4_sparse_attn_args *a, struct dsv4_arena
     s->q8 = dsv4_take(ar, (size_t)a->G * Tp * dsv4_gemm_i8_lda(a->OL));
     s->q8sum = dsv4_take(ar, (size_t)a->G * Tp * sizeof(int32_t));
     s->sdq = dsv4_take(ar, (size_t)T * a->G * sizeof(float));
-    if (T >= PANEL_MIN_T) {
-        int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
-        s->panel = dsv4_take(ar, (size_t)a->G * nb * a->OGI * DSV4_PANEL * sizeof(float));
-        s->wf = dsv4_take(ar, (size_t)a->nth * COLS * a->OGI * sizeof(float));
-        s->ct = dsv4_take(ar, (size_t)a->nth * COLS * DSV4_PANEL * sizeof(float));
-    }
+    s->xwt = dsv4_take(ar, dsv4_xwt_work(T, a->OL, a->OGI, a->nth));
     s->pbuf = dsv4_take(ar, (size_t)a->nth * Tp * COLS * sizeof(int32_t));
     s->acc = dsv4_take(ar, (size_t)a->nth * Tp * COLS * sizeof(float));
     for (int i = 0; i < a->nth; i++) {
@@ -394,47 +384,16 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
         struct attn_thread *th = &s.th[ith];
         for (int64_t t = ith; t < T; t += nth)
             attend_token(a, t, th, s.ob + t * H * HD);
-        #pragma omp barrier
+    }
 
-        /* first projection, per group: o_r[t, g, :] = Ob[t, group g] . wo_a[g]^T */
-        const int64_t ur = (OL + COLS - 1) / COLS;
-        if (T < PANEL_MIN_T) {
-            for (int64_t u = ith; u < G * ur; u += nth) {
-                int64_t g = u / ur, r0 = (u % ur) * COLS, nr = OL - r0 < COLS ? OL - r0 : COLS;
-                dsv4_dot_fma_grid(s.ob + g * OGI, H * HD, T, NULL, a->wo_a + (g * OL + r0) * OGI,
-                                  OGI, nr, OGI, s.o_r + g * OL + r0, G * OL);
-            }
-        } else {
-            /* panels of 32 tokens, [OGI][32], so that wo_a rows meet them as a GEMM */
-            const int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
-            for (int64_t u = ith; u < G * nb; u += nth) {
-                int64_t g = u / nb, t0 = (u % nb) * DSV4_PANEL;
-                float *P = s.panel + (size_t)u * OGI * DSV4_PANEL;
-                for (int64_t j = 0; j < DSV4_PANEL; j++) {
-                    const float *x = s.ob + (t0 + j) * H * HD + g * OGI;
-                    for (int64_t k = 0; k < OGI; k++)
-                        P[k * DSV4_PANEL + j] = t0 + j < T ? x[k] : 0.0f;
-                }
-            }
-            #pragma omp barrier
-            float *wf = s.wf + (size_t)ith * COLS * OGI, *ct = s.ct + (size_t)ith * COLS * DSV4_PANEL;
-            for (int64_t u = ith; u < G * ur; u += nth) {
-                int64_t g = u / ur, r0 = (u % ur) * COLS, nr = OL - r0 < COLS ? OL - r0 : COLS;
-                int64_t mr = dsv4_round_up(nr, DSV4_GEMM_MR);
-                dsv4_bf16_row_to_f32(a->wo_a + (g * OL + r0) * OGI, nr * OGI, wf);
-                memset(wf + nr * OGI, 0, (size_t)(mr - nr) * OGI * sizeof(float));
-                for (int64_t b = 0; b < nb; b++) {
-                    int64_t t0 = b * DSV4_PANEL, nc = T - t0 < DSV4_PANEL ? T - t0 : DSV4_PANEL;
-                    dsv4_gemm_f32_panel(wf, mr, OGI, s.panel + (size_t)(g * nb + b) * OGI * DSV4_PANEL,
-                                        ct, DSV4_PANEL, nc);
-                    for (int64_t r = 0; r < nr; r++)
-                        for (int64_t j = 0; j < nc; j++)
-                            s.o_r[((t0 + j) * G + g) * OL + r0 + r] = ct[r * DSV4_PANEL + j];
-                }
-            }
-        }
-        #pragma omp barrier
+    /* first projection, per group: o_r[t, g, :] = Ob[t, group g] . wo_a[g]^T */
+    for (int64_t g = 0; g < G; g++)
+        dsv4_xwt(s.ob + g * OGI, H * HD, T, a->wo_a + g * OL * OGI, OGI, OL, OGI, s.o_r + g * OL,
+                 G * OL, s.xwt, a->nth);
 
+    #pragma omp parallel num_threads(a->nth)
+    {
+        const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         /* per (token, group) int8 quantisation, reciprocal-multiply scale (§2.6) */
         for (int64_t u = ith; u < G * Tp; u += nth) {
             int64_t g = u / Tp, t = u % Tp;

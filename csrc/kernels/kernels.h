@@ -237,6 +237,50 @@ struct dsv4_sparse_attn_args {
 int dsv4_sparse_attn_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_sparse_attn(void *a, struct dsv4_err *e);
 
+/* ---- KV compressors (spec 04), decode: variant = the ratio R (4 or 128) -------------- */
+struct dsv4_decode_compressor_args {
+    const bf16_t *x;                    /* [B, S, D], S = 1 */
+    float *kv;                          /* [B, S, HD] out: the fp32 entry of a committing request */
+    float *compress_state;              /* [NB, PAGE, SW] inout: [kv | score + ape] per position */
+    const int32_t *compress_state_block_table; /* [B, NP] */
+    const bf16_t *wkv, *wgate;          /* [OD, D] */
+    const float *ape;                   /* [R, OD] */
+    const bf16_t *norm_w;               /* [HD] */
+    const float *cos, *sin;             /* [B, R2] */
+    bf16_t *cmp_kv_cache;               /* [NC, CBLK, 1, HD] inout */
+    const int32_t *position_ids;        /* [B, S] */
+    const int64_t *cmp_slot_mapping;    /* [B, S], -1: no write */
+    const int64_t *state_slot_mapping;  /* [B, S], -1: no write */
+    int64_t B, S, D, HD, OD, NB, PAGE, SW, NP, R, R2, NC, CBLK;
+    int64_t qk_rope_head_dim;
+    float rms_norm_eps;
+    int variant;
+    void *scratch;
+};
+int dsv4_decode_compressor_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_decode_compressor(void *a, struct dsv4_err *e);
+
+struct dsv4_prefill_compressor_args {
+    const bf16_t *x;                    /* [T, D] */
+    float *kv_state, *score_state;      /* [NB, PAGE, OD] inout */
+    const int32_t *compress_state_block_table; /* [NP] */
+    const bf16_t *wkv, *wgate;          /* [OD, D] */
+    const float *ape;                   /* [R, OD] */
+    const bf16_t *norm_w;               /* [HD] */
+    const bf16_t *freqs_cos, *freqs_sin; /* [MAXS, RW] */
+    bf16_t *cmp_kv;                     /* [NC, CBLK, 1, HD] inout */
+    const int32_t *position_ids;        /* [T] */
+    const int64_t *cmp_slot_mapping;    /* [T], -1: the token completes no entry */
+    const int64_t *state_slot_mapping;  /* [T], -1: no state write */
+    int64_t T, D, OD, HD, NB, PAGE, NP, R, MAXS, RW, NC, CBLK;
+    int64_t num_tokens, qk_rope_head_dim;
+    float rms_norm_eps;
+    int variant;
+    void *scratch;
+};
+int dsv4_prefill_compressor_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_prefill_compressor(void *a, struct dsv4_err *e);
+
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };
 struct dsv4_cast_args {

@@ -7,11 +7,22 @@ from . import numerics
 from .attention import (
     decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
 )
+from .compressor import (
+    decode_compressor_ratio4, decode_compressor_ratio128, prefill_compressor_ratio4,
+    prefill_compressor_ratio128,
+)
 from .hc import hc_head, hc_post, hc_pre
+from .indexer import (
+    decode_indexer, decode_indexer_compressor, prefill_indexer, prefill_indexer_compressor,
+)
 from .moe import expert_routed, expert_shared, gate, moe
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
 __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
            "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
            "prefill_sparse_attn", "decode_sparse_attn", "decode_sparse_attn_hca",
-           "decode_sparse_attn_swa"]
+           "decode_sparse_attn_swa",
+           "decode_compressor_ratio4", "decode_compressor_ratio128", "prefill_compressor_ratio4",
+           "prefill_compressor_ratio128",
+           "decode_indexer_compressor", "prefill_indexer_compressor", "decode_indexer",
+           "prefill_indexer"]

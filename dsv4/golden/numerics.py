@@ -200,3 +200,66 @@ def swiglu(gate, up, limit):
     with np.errstate(over="ignore"):        # exp(-g) -> inf for g < -88: silu -> -0
         e = exp32(-g)
     return (g / (F32(1.0) + e)) * u
+
+
+def rope_interleaved_f32(v, cos, sin):
+    """Interleaved RoPE on the last axis of v like rope_interleaved, but the rotated
+    pairs stay fp32 (no rounding): v'[2i] = a cos_i - b sin_i, v'[2i+1] = a sin_i + b cos_i,
+    each product rounded to fp32 before the add (spec chapter 04 §4.2.6)."""
+    v = f32(v)
+    half = v.shape[-1] // 2
+    c, s = f32(cos)[..., :half], f32(sin)[..., :half]
+    a, b = v[..., 0::2], v[..., 1::2]
+    even, odd = a * c - b * s, a * s + b * c
+    return np.stack([even, odd], axis=-1).reshape(even.shape[:-1] + (2 * half,))
+
+
+def softmax_pool(kv, score, sum_chunk=16):
+    """Softmax pooling over axis 0, per column, batch form (spec chapter 04 §4.2.3):
+    m = max_r s, e_r = exp(s_r - m), Z = ((e_0 + e_1) + ...) sequential, p_r = e_r / Z (a
+    true division), out = sum_r kv_r * p_r. The final sum runs over chunks of `sum_chunk`
+    rows, each summed sequentially, then the chunk sums sequentially (torch's order for
+    8 and 128 rows). Rows scored -inf get weight 0; an all -inf column gives NaN."""
+    kv, s = f32(kv), f32(score)
+    m = np.max(s, axis=0)
+    with np.errstate(invalid="ignore"):           # -inf - -inf in an all -inf column
+        e = exp32(s - m)
+    z = e[0]
+    for r in range(1, e.shape[0]):
+        z = z + e[r]
+    with np.errstate(invalid="ignore"):
+        prod = kv * (e / z)
+    out = None
+    for r0 in range(0, prod.shape[0], sum_chunk):
+        acc = prod[r0]
+        for r in range(r0 + 1, min(r0 + sum_chunk, prod.shape[0])):
+            acc = acc + prod[r]
+        out = acc if out is None else out + acc
+    return out
+
+
+def softmax_pool_online(kv, score, order):
+    """Softmax pooling over axis 0 as an online recurrence (spec chapter 04 §4.2.4):
+    start with row order[0] (m = s, l = exp(s - s), o = kv), then fold in the rows
+    order[1:] one by one (m' = max(m, s), a = exp(m - m'), b = exp(s - m'),
+    l = a l + b, o = o a + kv b); return o / l. A row scored -inf adds nothing."""
+    kv, s = f32(kv), f32(score)
+    i0 = order[0]
+    m = s[i0]
+    l = exp32(m - m)
+    o = kv[i0]
+    for j in order[1:]:
+        mn = np.maximum(m, s[j])
+        alpha = exp32(m - mn)
+        beta = exp32(s[j] - mn)
+        l = alpha * l + beta
+        o = o * alpha + kv[j] * beta
+        m = mn
+    return o / l
+
+
+def topk_desc(scores, k):
+    """Indices of the k largest entries of the 1-D `scores`, score descending and, among
+    equal scores, index ascending (dsv4's deterministic top-k order, spec chapter 04
+    §4.15). -0.0 and 0.0 count as equal; NaN sorts last."""
+    return np.argsort(-f32(scores), kind="stable")[:k]

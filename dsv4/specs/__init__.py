@@ -5,19 +5,32 @@ Also, per kernel, pypto-lib's comparator for each output (COMPARATORS) and the
 deployment cases `python -m dsv4 check` runs (CASES).
 """
 from . import attention, hc, qkv
+from . import compressor as _compressor
+from . import indexer as _indexer
 from . import moe as _moe
 from .attention import (
     decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
 )
+from .compressor import (
+    decode_compressor_ratio4, decode_compressor_ratio128, prefill_compressor_ratio4,
+    prefill_compressor_ratio128,
+)
 from .hc import hc_head, hc_post, hc_pre
+from .indexer import (
+    decode_indexer, decode_indexer_compressor, prefill_indexer, prefill_indexer_compressor,
+)
 from .moe import expert_routed, expert_shared, gate, moe
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
 COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS,
-               **attention.COMPARATORS}
-CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES, **attention.CASES}
+               **attention.COMPARATORS, **_indexer.COMPARATORS, **_compressor.COMPARATORS}
+CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES, **attention.CASES, **_indexer.CASES,
+         **_compressor.CASES}
 
 __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
            "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
            "prefill_sparse_attn", "decode_sparse_attn", "decode_sparse_attn_hca",
-           "decode_sparse_attn_swa", "COMPARATORS", "CASES"]
+           "decode_sparse_attn_swa", "decode_indexer_compressor", "prefill_indexer_compressor",
+           "decode_indexer", "prefill_indexer",
+           "decode_compressor_ratio4", "decode_compressor_ratio128", "prefill_compressor_ratio4",
+           "prefill_compressor_ratio128", "COMPARATORS", "CASES"]
