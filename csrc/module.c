@@ -369,6 +369,47 @@ static const struct scalar_spec pcp_scalars[] = {
     {"qk_rope_head_dim", SC_INT, PCP(qk_rope_head_dim), 1, 0, 0.0},
     {0}};
 
+static const struct arg_spec dic_args[] = {
+    {"x", DSV4_BF16, "B,S,D", IN, 0, DCP(x)},
+    {"kv", DSV4_F32, "B,S,HD", OUT, 0, DCP(kv)},
+    {"compress_state", DSV4_F32, "NB,PAGE,SW", INOUT, 0, DCP(compress_state)},
+    {"compress_state_block_table", DSV4_I32, "B,NP", IN, 0, DCP(compress_state_block_table)},
+    {"wkv", DSV4_BF16, "OD,D", IN, 0, DCP(wkv)},
+    {"wgate", DSV4_BF16, "OD,D", IN, 0, DCP(wgate)},
+    {"ape", DSV4_F32, "R,OD", IN, 0, DCP(ape)},
+    {"norm_w", DSV4_BF16, "HD", IN, 0, DCP(norm_w)},
+    {"cos", DSV4_F32, "B,R2", IN, 0, DCP(cos)},
+    {"sin", DSV4_F32, "B,R2", IN, 0, DCP(sin)},
+    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, DCP(hadamard)},
+    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, DCP(cmp_kv_cache)},
+    {"position_ids", DSV4_I32, "B,S", IN, 0, DCP(position_ids)},
+    {"idx_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(cmp_slot_mapping)},
+    {"inner_state_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(state_slot_mapping)},
+    {0}};
+static const struct dim_spec pic_dims[] = {
+    {"T", PCP(T)}, {"D", PCP(D)}, {"OD", PCP(OD)}, {"HD", PCP(HD)}, {"NB", PCP(NB)},
+    {"PAGE", PCP(PAGE)}, {"NP", PCP(NP)}, {"R", PCP(R)}, {"MAXS", PCP(MAXS)}, {"RW", PCP(RW)},
+    {"NC", PCP(NC)}, {"CBLK", PCP(CBLK)}, {"W", PCP(W)}, {0}};
+static const struct arg_spec pic_args[] = {
+    {"x", DSV4_BF16, "T,D", IN, 0, PCP(x)},
+    {"kv", DSV4_BF16, "W,HD", OUT, 0, PCP(kv_out)},
+    {"kv_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(kv_state)},
+    {"score_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(score_state)},
+    {"inner_compress_state_block_table", DSV4_I32, "NP", IN, 0, PCP(compress_state_block_table)},
+    {"wkv", DSV4_BF16, "OD,D", IN, 0, PCP(wkv)},
+    {"wgate", DSV4_BF16, "OD,D", IN, 0, PCP(wgate)},
+    {"ape", DSV4_F32, "R,OD", IN, 0, PCP(ape)},
+    {"norm_w", DSV4_BF16, "HD", IN, 0, PCP(norm_w)},
+    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_cos)},
+    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_sin)},
+    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, PCP(hadamard)},
+    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, PCP(cmp_kv)},
+    {"idx_block_table", DSV4_I32, "_", UNUSED, 0, 0},
+    {"position_ids", DSV4_I32, "T", IN, 0, PCP(position_ids)},
+    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, PCP(cmp_slot_mapping)},
+    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, PCP(state_slot_mapping)},
+    {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -516,6 +557,16 @@ static const struct kernel_spec kernels[] = {
         "HCA KV compressor, one prefill chunk (T <= 128): as prefill_compressor_ratio4 with "
         "windows of 128 positions, no overlap, batch-form pooling, missing rows as (0, 0).",
         0, 128, dsv4_prefill_compressor_args, pcp_args, pcp_scalars, pcp_dims, dsv4_prefill_compressor),
+    ROW("decode_indexer_compressor",
+        "Indexer-key compressor, one decode step (S = 1): decode_compressor_ratio4 on 128-wide "
+        "keys, the entry rounded to bf16 and multiplied by hadamard (row vector on the left) "
+        "before it goes to kv and idx_kv_cache.",
+        0, 4, dsv4_decode_compressor_args, dic_args, dcp_scalars, dcp_dims, dsv4_decode_compressor),
+    ROW("prefill_indexer_compressor",
+        "Indexer-key compressor, one prefill chunk: prefill_compressor_ratio4 on 128-wide keys, "
+        "bf16, times hadamard, into idx_kv_cache; kv lists the first W = max(1, T/4) keys in "
+        "write order. idx_block_table is accepted and not read, as in pypto-lib.",
+        0, 4, dsv4_prefill_compressor_args, pic_args, pcp_scalars, pic_dims, dsv4_prefill_compressor),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",

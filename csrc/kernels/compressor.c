@@ -12,6 +12,19 @@
 
 static float exp32(float z) { return (float)exp((double)z); }
 
+/* k = bf16(y) . H, row vector on the left; products of bf16 values are exact */
+static void hadamard_rotate(const float *y, const bf16_t *H, int64_t n, float *k)
+{
+    float v[512];
+    for (int64_t i = 0; i < n; i++) {
+        v[i] = dsv4_round_bf16(y[i]);
+        k[i] = 0.0f;
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < n; j++)
+            k[j] = k[j] + v[i] * dsv4_bf16_to_f32(H[i * n + j]);
+}
+
 int dsv4_decode_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 {
     struct dsv4_decode_compressor_args *a = p;
@@ -28,6 +41,10 @@ int dsv4_decode_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch)
                  "head dim %lld] and rows of twice that (kv and score)",
                  (long long)a->R, (long long)a->OD, (long long)a->SW, (long long)R,
                  (long long)coff, (long long)a->HD);
+        return DSV4_EVALUE;
+    }
+    if (a->hadamard && a->HD > 512) {
+        snprintf(e->msg, sizeof e->msg, "head dim %lld is larger than 512", (long long)a->HD);
         return DSV4_EVALUE;
     }
     if (2 * a->R2 >= a->HD || 2 * a->R2 != a->qk_rope_head_dim) {
@@ -166,6 +183,10 @@ int dsv4_decode_compressor(void *p, struct dsv4_err *e)
         int64_t slot = a->cmp_slot_mapping[b];
         if (slot < 0)
             continue;                                  /* an uncommitted boundary writes nothing */
+        if (a->hadamard) {
+            hadamard_rotate(sc, a->hadamard, HD, pooled);
+            memcpy(sc, pooled, (size_t)HD * sizeof(float));
+        }
         memcpy(a->kv + b * HD, sc, (size_t)HD * sizeof(float));
         for (int64_t c = 0; c < HD; c++)
             a->cmp_kv_cache[slot * HD + c] = dsv4_f32_to_bf16(sc[c]);
@@ -206,6 +227,11 @@ int dsv4_prefill_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch
         snprintf(e->msg, sizeof e->msg,
                  "ape is [%lld, %lld]; expected [%lld, %lld * head dim %lld (from 'norm_w')]",
                  (long long)a->R, (long long)a->OD, (long long)R, (long long)coff, (long long)a->HD);
+        return DSV4_EVALUE;
+    }
+    a->W = a->T / R > 1 ? a->T / R : 1;
+    if (a->hadamard && a->HD > 512) {
+        snprintf(e->msg, sizeof e->msg, "head dim %lld is larger than 512", (long long)a->HD);
         return DSV4_EVALUE;
     }
     if (a->RW != a->qk_rope_head_dim || a->RW >= a->HD || a->RW % 2) {
@@ -360,11 +386,22 @@ int dsv4_prefill_compressor(void *p, struct dsv4_err *e)
         }
     }
     /* writes in token order, so that a repeated slot ends as the golden's */
-    for (int64_t t0 = 0; t0 < n; t0++) {
+    if (a->kv_out)
+        memset(a->kv_out, 0, (size_t)a->W * HD * sizeof(bf16_t));
+    for (int64_t t0 = 0, i = 0; t0 < n; t0++) {
         int64_t dst = a->cmp_slot_mapping[t0];
-        if (dst >= 0)
-            for (int64_t c = 0; c < HD; c++)
-                a->cmp_kv[dst * HD + c] = dsv4_f32_to_bf16(Y[t0 * HD + c]);
+        if (dst < 0)
+            continue;
+        float *y = Y + t0 * HD, k[512];
+        if (a->hadamard) {
+            hadamard_rotate(y, a->hadamard, HD, k);
+            y = k;
+        }
+        for (int64_t c = 0; c < HD; c++)
+            a->cmp_kv[dst * HD + c] = dsv4_f32_to_bf16(y[c]);
+        if (a->kv_out && i < a->W)
+            memcpy(a->kv_out + i * HD, a->cmp_kv + dst * HD, (size_t)HD * sizeof(bf16_t));
+        i++;
     }
     for (int64_t t = 0; t < n; t++) {
         int64_t r = a->state_slot_mapping[t];

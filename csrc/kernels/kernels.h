@@ -237,7 +237,9 @@ struct dsv4_sparse_attn_args {
 int dsv4_sparse_attn_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_sparse_attn(void *a, struct dsv4_err *e);
 
-/* ---- KV compressors (spec 04), decode: variant = the ratio R (4 or 128) -------------- */
+/* ---- KV compressors (spec 04): variant = the ratio R (4 or 128). With a hadamard matrix
+ * they are the indexer-key compressors: the entry is rounded to bf16 and multiplied
+ * (row vector on the left) by it before it is written. */
 struct dsv4_decode_compressor_args {
     const bf16_t *x;                    /* [B, S, D], S = 1 */
     float *kv;                          /* [B, S, HD] out: the fp32 entry of a committing request */
@@ -251,6 +253,7 @@ struct dsv4_decode_compressor_args {
     const int32_t *position_ids;        /* [B, S] */
     const int64_t *cmp_slot_mapping;    /* [B, S], -1: no write */
     const int64_t *state_slot_mapping;  /* [B, S], -1: no write */
+    const bf16_t *hadamard;             /* [HD, HD], the indexer-key compressor only */
     int64_t B, S, D, HD, OD, NB, PAGE, SW, NP, R, R2, NC, CBLK;
     int64_t qk_rope_head_dim;
     float rms_norm_eps;
@@ -272,7 +275,9 @@ struct dsv4_prefill_compressor_args {
     const int32_t *position_ids;        /* [T] */
     const int64_t *cmp_slot_mapping;    /* [T], -1: the token completes no entry */
     const int64_t *state_slot_mapping;  /* [T], -1: no state write */
-    int64_t T, D, OD, HD, NB, PAGE, NP, R, MAXS, RW, NC, CBLK;
+    const bf16_t *hadamard;             /* [HD, HD], the indexer-key compressor only */
+    bf16_t *kv_out;                     /* [W, HD] the indexer keys in write order */
+    int64_t T, D, OD, HD, NB, PAGE, NP, R, MAXS, RW, NC, CBLK, W;
     int64_t num_tokens, qk_rope_head_dim;
     float rms_norm_eps;
     int variant;
