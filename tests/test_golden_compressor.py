@@ -759,10 +759,6 @@ def test_in_place_and_output_order(kernel):
         assert not same_bits(out[n], fresh[n]), n
 
 
-def _mut(name, fn):
-    return pytest.param(name, fn, id=name)
-
-
 def _decode_errors(R):
     NB = 8 * (65 if R == 4 else 64)
     page = 4 if R == 4 else 8
@@ -770,11 +766,12 @@ def _decode_errors(R):
     last_page = (511 - 7) // 4 if R == 4 else (127 - 127) // 8
     return [
         ("x must be \\[B, 1, D\\]",
-         lambda d: d.update(x=np.repeat(d["x"], 2, axis=1), position_ids=np.repeat(d["position_ids"], 2, 1),
-                            cmp_slot_mapping=np.repeat(d["cmp_slot_mapping"], 2, 1),
-                            state_slot_mapping=np.repeat(d["state_slot_mapping"], 2, 1))),
-        ("position_ids\\[7, 0\\] = -1 is negative", lambda d: d["position_ids"].__setitem__((7, 0), -1)),
-        (f"needs compress_state_block_table\\[7, {MAXS // page}\\], beyond its {MAXS // page} columns",
+         lambda d: d.update({k: np.repeat(d[k], 2, axis=1) for k in
+                             ("x", "position_ids", "cmp_slot_mapping", "state_slot_mapping")})),
+        ("position_ids\\[7, 0\\] = -1 is negative",
+         lambda d: d["position_ids"].__setitem__((7, 0), -1)),
+        (f"needs compress_state_block_table\\[7, {MAXS // page}\\], beyond its {MAXS // page} "
+         "columns",
          lambda d: d["position_ids"].__setitem__((7, 0), MAXS + R - 1)),
         (f"state_slot_mapping\\[7, 0\\] = {NB * page} is outside",
          lambda d: d["state_slot_mapping"].__setitem__((7, 0), NB * page)),
@@ -782,15 +779,13 @@ def _decode_errors(R):
          lambda d: d["compress_state_block_table"].__setitem__((7, last_page), NB)),
         ("cmp_slot_mapping\\[7, 0\\] = 32768 is outside",
          lambda d: d["cmp_slot_mapping"].__setitem__((7, 0), 256 * 128)),
-        ("compress_state is updated in place and must be a float32",
-         lambda d: d.update(compress_state=d["compress_state"].astype(np.float64))),
     ]
 
 
 def _prefill_errors(R):
     NB = MAXS // (4 if R == 4 else 8)
     page = 4 if R == 4 else 8
-    wp = 383 if R == 128 else 383                    # the last entry of the chunk 256..383
+    wp = 383                                         # the last entry of the chunk 256..383
     first_read = (wp - 7) // 4 if R == 4 else (wp - 127) // 8
 
     def bad_table(d):
@@ -802,13 +797,14 @@ def _prefill_errors(R):
 
     return [
         ("num_tokens = 129 must be an integer", lambda d: d.update(num_tokens=129)),
-        ("position_ids\\[127\\] = -1 is negative", lambda d: d["position_ids"].__setitem__(127, -1)),
+        ("position_ids\\[127\\] = -1 is negative",
+         lambda d: d["position_ids"].__setitem__(127, -1)),
         (f"state_slot_mapping\\[127\\] = {NB * page} is outside",
          lambda d: d["state_slot_mapping"].__setitem__(127, NB * page)),
         ("cmp_slot_mapping\\[127\\] = 32768 is outside",
          lambda d: d["cmp_slot_mapping"].__setitem__(127, 256 * 128)),
-        (f"cmp_slot_mapping\\[5\\] = 3 asks for a compressed entry at position_ids\\[5\\] = {R - 2}",
-         early_flag),
+        (f"cmp_slot_mapping\\[5\\] = 3 asks for a compressed entry at "
+         f"position_ids\\[5\\] = {R - 2}", early_flag),
         (f"compress_state_block_table\\[{first_read}\\] = {NB} is outside", bad_table),
         ("needs RoPE row", lambda d: d.update(freqs_cos=d["freqs_cos"][:200],
                                               freqs_sin=d["freqs_sin"][:200])),
@@ -841,6 +837,20 @@ def test_error_leaves_states_untouched(kernel, message, mutate):
         assert same_bits(ins[n], before[n]), n
     if kw:
         assert (kw["kv"] == 3.0).all()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_state_of_wrong_dtype_is_a_type_error(kernel):
+    """An in-place argument of another dtype cannot be updated in place: TypeError, and
+    the other states stay untouched."""
+    ins = _small_inputs(kernel)
+    first, *rest = INOUT[kernel]
+    ins[first] = ins[first].astype(np.float64)
+    before = {n: ins[n].copy() for n in rest}
+    with pytest.raises(TypeError, match=f"{first} is updated in place and must be a"):
+        getattr(G, kernel)(**ins, config=CFG)
+    for n in rest:
+        assert same_bits(ins[n], before[n])
 
 
 def test_prefill128_rejects_more_than_128_tokens():

@@ -21,6 +21,18 @@
 
 static float exp32(float z) { return (float)exp((double)z); }
 
+int dsv4_resolve_num_tokens(int64_t *num_tokens, int64_t T, struct dsv4_err *e)
+{
+    if (*num_tokens == INT64_MAX)
+        *num_tokens = T;
+    if (*num_tokens < 0 || *num_tokens > T) {
+        snprintf(e->msg, sizeof e->msg, "num_tokens = %lld is outside [0, T = %lld]",
+                 (long long)*num_tokens, (long long)T);
+        return DSV4_EVALUE;
+    }
+    return DSV4_OK;
+}
+
 /* ---- index decoding --------------------------------------------------------- */
 
 /* Row of the KV row that raw index `raw` of token t addresses, or NULL if the
@@ -171,13 +183,8 @@ int dsv4_sparse_attn_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     if (a->variant == DSV4_ATTN_PREFILL) {
         a->B = 1;
         a->S = a->T;
-        if (a->num_tokens == INT64_MAX)
-            a->num_tokens = a->T;
-        if (a->num_tokens < 0 || a->num_tokens > a->T) {
-            snprintf(e->msg, sizeof e->msg, "num_tokens = %lld is outside [0, T = %lld]",
-                     (long long)a->num_tokens, (long long)a->T);
+        if (dsv4_resolve_num_tokens(&a->num_tokens, a->T, e))
             return DSV4_EVALUE;
-        }
         /* the columns a token may use: the padded width of window + compressed rows (§1.2) */
         int64_t WIN = a->sliding_window, mc = WIN + WIN / 2;
         mc = mc < a->index_topk ? mc : a->index_topk;

@@ -210,13 +210,8 @@ int dsv4_prefill_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch
 {
     struct dsv4_prefill_compressor_args *a = p;
     const int64_t R = a->variant, coff = R == 4 ? 2 : 1, span = R == 4 ? 8 : R;
-    if (a->num_tokens == INT64_MAX)
-        a->num_tokens = a->T;
-    if (a->num_tokens < 0 || a->num_tokens > a->T) {
-        snprintf(e->msg, sizeof e->msg, "num_tokens = %lld is outside [0, T = %lld]",
-                 (long long)a->num_tokens, (long long)a->T);
+    if (dsv4_resolve_num_tokens(&a->num_tokens, a->T, e))
         return DSV4_EVALUE;
-    }
     if (R == 128 && a->T > 128) {
         snprintf(e->msg, sizeof e->msg,
                  "a ratio-128 chunk overlays its tokens by position mod 128; T = %lld is larger",

@@ -14,6 +14,9 @@
 enum { DSV4_OK = 0, DSV4_EVALUE = 1 };
 struct dsv4_err { char msg[512]; };
 
+/* An optional num_tokens: INT64_MAX (not given) means all T rows; else it must lie in [0, T]. */
+int dsv4_resolve_num_tokens(int64_t *num_tokens, int64_t T, struct dsv4_err *e);
+
 /* ---- rms_norm: x_normed[t, d] = bf16((x[t, d] * rsqrt(mean_d x^2 + eps)) * norm_w[d]) */
 struct dsv4_rms_norm_args {
     const bf16_t *x;          /* [T, D] */

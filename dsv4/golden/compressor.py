@@ -62,10 +62,11 @@ def _ints(kernel, name, a):
 
 
 def _inout(kernel, name, a, dtype):
-    """A state or cache: updated in place, so it must be a writable array of its dtype."""
+    """A state or cache: updated in place, so it must be a writable array of its dtype
+    (TypeError otherwise, as the C binding raises for a dtype; ValueError if read-only)."""
     if not isinstance(a, np.ndarray) or a.dtype != dtype:
-        _bad(kernel, f"{name} is updated in place and must be a {np.dtype(dtype)} numpy array, "
-                     f"got {getattr(a, 'dtype', type(a).__name__)}")
+        raise TypeError(f"{kernel}: {name} is updated in place and must be a {np.dtype(dtype)} "
+                        f"numpy array, got {getattr(a, 'dtype', type(a).__name__)}")
     if not a.flags.writeable:
         _bad(kernel, f"{name} is updated in place but is read-only")
 
@@ -163,12 +164,13 @@ def _decode(kernel, R, x, compress_state, table, wkv, wgate, ape, norm_w, cos, s
                 continue
             page = q // PAGE
             if page >= W:
-                _bad(kernel, f"position {q} of the window completed by position_ids[{b}, 0] = {p} "
-                             f"needs compress_state_block_table[{b}, {page}], beyond its {W} columns")
+                _bad(kernel, f"position {q} of the window completed by position_ids[{b}, 0] = "
+                             f"{p} needs compress_state_block_table[{b}, {page}], beyond its {W} "
+                             f"columns")
             blk = int(tbl[b, page])
             if blk >= NB:
-                _bad(kernel, f"compress_state_block_table[{b}, {page}] = {blk} is outside [0, {NB}) "
-                             f"(pages of compress_state), read for position {q}")
+                _bad(kernel, f"compress_state_block_table[{b}, {page}] = {blk} is outside "
+                             f"[0, {NB}) (pages of compress_state), read for position {q}")
             reads.append((blk, q % PAGE, off))
         c = int(cmp_rows[b])
         if c >= NC * BLOCK:

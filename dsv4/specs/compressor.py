@@ -106,8 +106,8 @@ def resolve_start_positions(start_pos, batch, seq, max_seq_len, default):
     if (starts < 0).any():
         raise ValueError(f"decode start positions must be non-negative, got {starts.tolist()}")
     if (starts.astype(np.int64) + seq > max_seq_len).any():
-        raise ValueError(f"decode start positions plus seq = {seq} must fit max_position_embeddings "
-                         f"= {max_seq_len}, got {starts.tolist()}")
+        raise ValueError(f"decode start positions plus seq = {seq} must fit "
+                         f"max_position_embeddings = {max_seq_len}, got {starts.tolist()}")
     return starts
 
 
