@@ -65,14 +65,14 @@ int dsv4_decode_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch)
                      (long long)b, (long long)rs, (long long)(a->NB * a->PAGE));
             return DSV4_EVALUE;
         }
+        if ((p0 + 1) % R)
+            continue;                                  /* no window completes: no cache write */
         if (rc >= a->NC * a->CBLK) {
             snprintf(e->msg, sizeof e->msg,
-                     "cmp_slot_mapping[%lld, 0] = %lld is beyond the %lld rows of cmp_kv_cache",
+                     "cmp_slot_mapping[%lld, 0] = %lld is beyond the %lld rows of the cache",
                      (long long)b, (long long)rc, (long long)(a->NC * a->CBLK));
             return DSV4_EVALUE;
         }
-        if ((p0 + 1) % R)
-            continue;
         /* the pages a completing window reads */
         int64_t first = R == 4 ? p0 - 7 : p0 - 127;
         for (int64_t q = first < 0 ? 0 : first; q <= p0; q++) {

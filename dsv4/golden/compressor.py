@@ -164,9 +164,8 @@ def _decode(kernel, R, x, compress_state, table, wkv, wgate, ape, norm_w, cos, s
                 continue
             page = q // PAGE
             if page >= W:
-                _bad(kernel, f"position {q} of the window completed by position_ids[{b}, 0] = "
-                             f"{p} needs compress_state_block_table[{b}, {page}], beyond its {W} "
-                             f"columns")
+                reads.append((-1, 0, off))              # beyond the table (>= MAXS): missing row
+                continue
             blk = int(tbl[b, page])
             if blk >= NB:
                 _bad(kernel, f"compress_state_block_table[{b}, {page}] = {blk} is outside "
@@ -290,8 +289,7 @@ def _prefill(kernel, R, x, kv_state, score_state, table, wkv, wgate, ape, norm_w
             return -1
         page = q // PAGE
         if page >= W:
-            _bad(kernel, f"position {q} of the window completed by position_ids[{t}] = {wp} needs "
-                         f"compress_state_block_table[{page}], beyond its {W} entries")
+            return -1                                   # a position the table does not cover
         blk = int(tbl[page])
         if blk >= NB:
             _bad(kernel, f"compress_state_block_table[{page}] = {blk} is outside [0, {NB}) (pages "
