@@ -21,6 +21,7 @@ from ..golden.numerics import (
 )
 from ..rope import rope_tables
 from ._common import cached, normal, rng
+from .compressor import block_table
 
 PAGE = C4A_COMPRESSOR_BLOCK_SIZE        # ratio-4 state page (positions per page)
 DECODE_STATE_PAGES = 65                 # rolling physical state pages per decode request
@@ -103,15 +104,6 @@ def _weights_proj(seed, D, H):
 
 
 # ------------------------------------------------------------- metadata (§4.3.5)
-
-def block_table(batch, table_blocks, physical_blocks=None, permuted=False):
-    """table[b, j] = b P + g(j mod P), g(u) = u or (7u + 3) mod P; int32 [batch, table_blocks]."""
-    P = table_blocks if physical_blocks is None else physical_blocks
-    cols = np.arange(table_blocks, dtype=np.int64) % P
-    if permuted and P > 1:
-        cols = (cols * 7 + 3) % P
-    return (np.arange(batch, dtype=np.int64)[:, None] * P + cols[None, :]).astype(np.int32)
-
 
 def _lookup(table, b, blk):
     """table[b, blk] (b None for a 1-D table) or -1 beyond the table width."""
