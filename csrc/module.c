@@ -410,6 +410,95 @@ static const struct arg_spec pic_args[] = {
     {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, PCP(state_slot_mapping)},
     {0}};
 
+#define DIX(f) offsetof(struct dsv4_decode_indexer_args, f)
+static const struct dim_spec dix_dims[] = {
+    {"B", DIX(c.B)}, {"S", DIX(c.S)}, {"D", DIX(c.D)}, {"HD", DIX(c.HD)}, {"OD", DIX(c.OD)},
+    {"NB", DIX(c.NB)}, {"PAGE", DIX(c.PAGE)}, {"SW", DIX(c.SW)}, {"NP", DIX(c.NP)},
+    {"R", DIX(c.R)}, {"R2", DIX(c.R2)}, {"NC", DIX(c.NC)}, {"CBLK", DIX(c.CBLK)},
+    {"N", DIX(q.N)}, {"QL", DIX(q.QL)}, {"HHD", DIX(q.HHD)}, {"H", DIX(q.H)},
+    {"NBT", DIX(q.NBT)}, {"SL", DIX(q.SL)}, {0}};
+static const struct arg_spec dix_args[] = {
+    {"x", DSV4_BF16, "B,S,D", IN, 0, DIX(c.x)},
+    {"qr", DSV4_I8, "N,QL", IN, 0, DIX(q.qr)},
+    {"qr_scale", DSV4_F32, "N,1", IN, 0, DIX(q.qr_scale)},
+    {"wq_b", DSV4_I8, "QL,HHD", IN, 0, DIX(q.wq_b)},
+    {"wq_b_scale", DSV4_F32, "HHD", IN, 0, DIX(q.wq_b_scale)},
+    {"weights_proj", DSV4_BF16, "D,H", IN, 0, DIX(q.weights_proj)},
+    {"cos", DSV4_F32, "B,R2", IN, 0, DIX(c.cos)},
+    {"sin", DSV4_F32, "B,R2", IN, 0, DIX(c.sin)},
+    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, DIX(c.hadamard)},
+    {"inner_kv", DSV4_F32, "B,S,HD", INOUT, 0, DIX(c.kv)},
+    {"inner_compress_state", DSV4_F32, "NB,PAGE,SW", INOUT, 0, DIX(c.compress_state)},
+    {"inner_compress_state_block_table", DSV4_I32, "B,NP", IN, 0, DIX(c.compress_state_block_table)},
+    {"inner_wkv", DSV4_BF16, "OD,D", IN, 0, DIX(c.wkv)},
+    {"inner_wgate", DSV4_BF16, "OD,D", IN, 0, DIX(c.wgate)},
+    {"inner_ape", DSV4_F32, "R,OD", IN, 0, DIX(c.ape)},
+    {"inner_norm_w", DSV4_BF16, "HD", IN, 0, DIX(c.norm_w)},
+    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, DIX(c.cmp_kv_cache)},
+    {"idx_block_table", DSV4_I32, "B,NBT", IN, 0, DIX(q.idx_block_table)},
+    {"score", DSV4_F32, "B,S,SL", OUT, 0, DIX(q.score)},
+    {"topk_idxs", DSV4_I32, "B,S,SL", OUT, 0, DIX(q.topk_idxs)},
+    {"position_ids", DSV4_I32, "B,S", IN, 0, DIX(c.position_ids)},
+    {"idx_slot_mapping", DSV4_I64, "B,S", IN, 0, DIX(c.cmp_slot_mapping)},
+    {"inner_state_slot_mapping", DSV4_I64, "B,S", IN, 0, DIX(c.state_slot_mapping)},
+    {"kv_seq_lens", DSV4_I32, "B", IN, 0, DIX(q.kv_seq_lens)},
+    {0}};
+static const struct scalar_spec dix_scalars[] = {
+    {"offset", SC_INT, DIX(q.offset), 0, 1, 128.0},
+    {"rms_norm_eps", SC_FLOAT, DIX(c.rms_norm_eps), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, DIX(c.qk_rope_head_dim), 1, 0, 0.0},
+    {"index_topk", SC_INT, DIX(q.index_topk), 1, 0, 0.0},
+    {"index_n_heads", SC_INT, DIX(q.index_n_heads), 1, 0, 0.0},
+    {"index_head_dim", SC_INT, DIX(q.index_head_dim), 1, 0, 0.0},
+    {"index_weights_scale", SC_FLOAT, DIX(q.index_weights_scale), 1, 0, 0.0},
+    {"max_position_embeddings", SC_INT, DIX(q.max_position_embeddings), 1, 0, 0.0},
+    {0}};
+
+#define PIX(f) offsetof(struct dsv4_prefill_indexer_args, f)
+static const struct dim_spec pix_dims[] = {
+    {"T", PIX(c.T)}, {"D", PIX(c.D)}, {"OD", PIX(c.OD)}, {"HD", PIX(c.HD)}, {"NB", PIX(c.NB)},
+    {"PAGE", PIX(c.PAGE)}, {"NP", PIX(c.NP)}, {"R", PIX(c.R)}, {"MAXS", PIX(c.MAXS)},
+    {"RW", PIX(c.RW)}, {"NC", PIX(c.NC)}, {"CBLK", PIX(c.CBLK)},
+    {"N", PIX(q.N)}, {"QL", PIX(q.QL)}, {"HHD", PIX(q.HHD)}, {"H", PIX(q.H)},
+    {"R2", PIX(q.R2q)}, {"NBT", PIX(q.NBT)}, {"SL", PIX(q.SL)}, {0}};
+static const struct arg_spec pix_args[] = {
+    {"x", DSV4_BF16, "T,D", IN, 0, PIX(c.x)},
+    {"qr", DSV4_I8, "N,QL", IN, 0, PIX(q.qr)},
+    {"qr_scale", DSV4_F32, "N,1", IN, 0, PIX(q.qr_scale)},
+    {"wq_b", DSV4_I8, "QL,HHD", IN, 0, PIX(q.wq_b)},
+    {"wq_b_scale", DSV4_F32, "HHD", IN, 0, PIX(q.wq_b_scale)},
+    {"weights_proj", DSV4_BF16, "D,H", IN, 0, PIX(q.weights_proj)},
+    {"cos", DSV4_F32, "N,R2", IN, 0, PIX(q.cos)},
+    {"sin", DSV4_F32, "N,R2", IN, 0, PIX(q.sin)},
+    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, PIX(c.freqs_cos)},
+    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, PIX(c.freqs_sin)},
+    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, PIX(c.hadamard)},
+    {"inner_kv_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PIX(c.kv_state)},
+    {"inner_score_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PIX(c.score_state)},
+    {"inner_compress_state_block_table", DSV4_I32, "NP", IN, 0, PIX(c.compress_state_block_table)},
+    {"inner_wkv", DSV4_BF16, "OD,D", IN, 0, PIX(c.wkv)},
+    {"inner_wgate", DSV4_BF16, "OD,D", IN, 0, PIX(c.wgate)},
+    {"inner_ape", DSV4_F32, "R,OD", IN, 0, PIX(c.ape)},
+    {"inner_norm_w", DSV4_BF16, "HD", IN, 0, PIX(c.norm_w)},
+    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, PIX(c.cmp_kv)},
+    {"idx_block_table", DSV4_I32, "NBT", IN, 0, PIX(q.idx_block_table)},
+    {"score", DSV4_F32, "T,SL", OUT, 0, PIX(q.score)},
+    {"topk_idxs", DSV4_I32, "T,SL", OUT, 0, PIX(q.topk_idxs)},
+    {"position_ids", DSV4_I32, "T", IN, 0, PIX(c.position_ids)},
+    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, PIX(c.cmp_slot_mapping)},
+    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, PIX(c.state_slot_mapping)},
+    {0}};
+static const struct scalar_spec pix_scalars[] = {
+    {"num_tokens", SC_INT, PIX(c.num_tokens), 0, ALL_ROWS, 0.0},
+    {"rms_norm_eps", SC_FLOAT, PIX(c.rms_norm_eps), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, PIX(c.qk_rope_head_dim), 1, 0, 0.0},
+    {"index_topk", SC_INT, PIX(q.index_topk), 1, 0, 0.0},
+    {"index_n_heads", SC_INT, PIX(q.index_n_heads), 1, 0, 0.0},
+    {"index_head_dim", SC_INT, PIX(q.index_head_dim), 1, 0, 0.0},
+    {"index_weights_scale", SC_FLOAT, PIX(q.index_weights_scale), 1, 0, 0.0},
+    {"sliding_window", SC_INT, PIX(q.sliding_window), 1, 0, 0.0},
+    {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -567,6 +656,17 @@ static const struct kernel_spec kernels[] = {
         "bf16, times hadamard, into idx_kv_cache; kv lists the first W = max(1, T/4) keys in "
         "write order. idx_block_table is accepted and not read, as in pypto-lib.",
         0, 4, dsv4_prefill_compressor_args, pic_args, pcp_scalars, pic_dims, dsv4_prefill_compressor),
+    ROW("decode_indexer",
+        "Lightning indexer, one decode step (S = 1): per-head int8 queries (W8A8 up-projection, "
+        "RoPE, bf16, Hadamard), the inner indexer-key compressor commits this step's key, every "
+        "visible compressed key is scored, the top index_topk slots + offset are reported. "
+        "inner_kv and inner_compress_state are updated in place.",
+        0, 0, dsv4_decode_indexer_args, dix_args, dix_scalars, dix_dims, dsv4_decode_indexer),
+    ROW("prefill_indexer",
+        "Lightning indexer, one prefill chunk: the inner compressor commits the chunk's keys, "
+        "each token's queries score the compressed keys it can see (at most two cache blocks), "
+        "top-k slots + sliding_window + T for tokens below num_tokens.",
+        0, 0, dsv4_prefill_indexer_args, pix_args, pix_scalars, pix_dims, dsv4_prefill_indexer),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",
@@ -627,7 +727,7 @@ static int dtype_matches(PyArrayObject *arr, int dt)
 /* ---- dims ----------------------------------------------------------------- */
 
 #define MAXRANK 8
-#define MAXDIMS 16
+#define MAXDIMS 32
 
 /* A dims string "T,H,HD" -> per axis: dim index >= 0, literal value as -(v+2), or -1 for "_". */
 static int parse_dims(const struct kernel_spec *k, const char *s, int out[MAXRANK])
@@ -776,7 +876,8 @@ static int check_array(const struct kernel_spec *k, const struct arg_spec *as, P
                          "%s: argument '%s' must have shape %s, got shape %S: %s is %lld (from '%s'), "
                          "not %lld",
                          k->name, as->name, want, s, k->dims[ax[i]].name, (long long)*f,
-                         bound_by[ax[i]], (long long)got);
+                         bound_by[ax[i]] ? bound_by[ax[i]] : "the model config",
+                         (long long)got);
             Py_XDECREF(s);
             return -1;
         }
@@ -1000,16 +1101,23 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
             goto done;
         *(void **)(st + as->off) = PyArray_DATA((PyArrayObject *)outs[j]);
     }
-    if (nscratch && !(scratch = scratch_take(nscratch))) {
+    /* a guard band after the scratch: a kernel that writes past its size is a bug, caught here */
+    static const unsigned char guard[64] = {0xd5, 0x5d, 0xa5, 0x5a};
+    if (!(scratch = scratch_take(nscratch + sizeof guard))) {
         PyErr_NoMemory();
         goto done;
     }
+    memcpy((char *)scratch + nscratch, guard, sizeof guard);
     *(void **)(st + k->scratch_off) = scratch;
 
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = k->run(st, &err);
     Py_END_ALLOW_THREADS
+    if (memcmp((char *)scratch + nscratch, guard, sizeof guard)) {
+        PyErr_Format(PyExc_SystemError, "%s: the kernel wrote past its scratch", k->name);
+        goto done;
+    }
     if (status) {
         PyErr_Format(PyExc_ValueError, "%s: %s", k->name, err.msg);
         goto done;
@@ -1151,6 +1259,21 @@ PyMODINIT_FUNC PyInit__C(void)
     import_array();
     if (init_dtypes())
         return NULL;
+    /* the binding's fixed-size arrays must hold every row of the table */
+    for (int i = 0; i < NKERNELS; i++) {
+        int na = 0, nd = 0, ns = 0;
+        while (kernels[i].args[na].name)
+            na++;
+        while (kernels[i].dims[nd].name)
+            nd++;
+        while (kernels[i].scalars[ns].name)
+            ns++;
+        if (na > MAXARGS || ns > MAXARGS || nd > MAXDIMS) {
+            PyErr_Format(PyExc_SystemError, "dsv4._C: kernel table row '%s' is too large",
+                         kernels[i].name);
+            return NULL;
+        }
+    }
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
         return NULL;

@@ -249,13 +249,13 @@ SIGS = {
         "inner_compress_state inner_compress_state_block_table inner_wkv inner_wgate inner_ape "
         "inner_norm_w idx_kv_cache idx_block_table position_ids idx_slot_mapping "
         "inner_state_slot_mapping kv_seq_lens offset | score topk_idxs config",
-        ("score", "topk_idxs", "idx_kv_cache")),
+        ("score", "topk_idxs", "inner_kv", "inner_compress_state", "idx_kv_cache")),
     "prefill_indexer": (
         "x qr qr_scale wq_b wq_b_scale weights_proj cos sin freqs_cos freqs_sin hadamard "
         "inner_kv_state inner_score_state inner_compress_state_block_table inner_wkv "
         "inner_wgate inner_ape inner_norm_w idx_kv_cache idx_block_table position_ids "
         "idx_slot_mapping inner_state_slot_mapping num_tokens | score topk_idxs config",
-        ("score", "topk_idxs", "idx_kv_cache")),
+        ("score", "topk_idxs", "inner_kv_state", "inner_score_state", "idx_kv_cache")),
 }
 
 

@@ -70,7 +70,7 @@ def test_prefill_positions_follow_start_pos():
         assert same_bits(ob[name], od[name]), name
 
 
-SMALL = dict(hidden_size=256, q_lora_rank=64, num_attention_heads=4, head_dim=96,
+SMALL = dict(hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
              qk_rope_head_dim=32, o_groups=2, o_lora_rank=64)
 
 

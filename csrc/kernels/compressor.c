@@ -115,7 +115,8 @@ int dsv4_decode_compressor(void *p, struct dsv4_err *e)
     void *work = kg + B * 2 * OD + 2 * HD;
     dsv4_xwt(xf, D, B, a->wkv, D, OD, D, kg, 2 * OD, work, dsv4_num_threads());
     dsv4_xwt(xf, D, B, a->wgate, D, OD, D, kg + OD, 2 * OD, work, dsv4_num_threads());
-    memset(a->kv, 0, (size_t)B * HD * sizeof(float));
+    if (!a->keep_kv)
+        memset(a->kv, 0, (size_t)B * HD * sizeof(float));
 
     for (int64_t b = 0; b < B; b++) {              /* in order: a request's write precedes its read */
         const int64_t p0 = a->position_ids[b];

@@ -257,6 +257,7 @@ struct dsv4_decode_compressor_args {
     const int64_t *cmp_slot_mapping;    /* [B, S], -1: no write */
     const int64_t *state_slot_mapping;  /* [B, S], -1: no write */
     const bf16_t *hadamard;             /* [HD, HD], the indexer-key compressor only */
+    int keep_kv;                        /* kv is a caller's state: rows without an entry stay */
     int64_t B, S, D, HD, OD, NB, PAGE, SW, NP, R, R2, NC, CBLK;
     int64_t qk_rope_head_dim;
     float rms_norm_eps;
@@ -288,6 +289,43 @@ struct dsv4_prefill_compressor_args {
 };
 int dsv4_prefill_compressor_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_prefill_compressor(void *a, struct dsv4_err *e);
+
+/* ---- lightning indexer (spec 04 §4.10): the inner indexer-key compressor commits this
+ * call's keys, then every query's int8 heads score the visible compressed keys:
+ *   decode  score = (sum_h relu(S32 qdq) Wt) kdq,  prefill score = sum_h relu(S32 qdq kdq) Wt
+ * and the top index_topk slots (score descending, slot ascending) + offset are reported. */
+struct dsv4_indexer_query {
+    const int8_t *qr;                   /* [N, QL] */
+    const float *qr_scale;              /* [N, 1] */
+    const int8_t *wq_b;                 /* [QL, HHD] */
+    const float *wq_b_scale;            /* [HHD] */
+    const bf16_t *weights_proj;         /* [D, H] */
+    const float *cos, *sin;             /* [N, R2] per-token rows */
+    const int32_t *idx_block_table;     /* decode [B, NBT], prefill [NBT] */
+    float *score;                       /* decode [B, S, SL], prefill [T, SL] */
+    int32_t *topk_idxs;
+    const int32_t *kv_seq_lens;         /* decode [B] */
+    int64_t N, QL, HHD, H, R2q, NBT, SL, B2;
+    int64_t offset, index_topk, index_n_heads, index_head_dim, max_position_embeddings,
+        sliding_window;
+    float index_weights_scale;
+};
+struct dsv4_decode_indexer_args {
+    struct dsv4_decode_compressor_args c;   /* the inner compressor: x, states, cache, ... */
+    struct dsv4_indexer_query q;
+    int variant;
+    void *scratch;
+};
+struct dsv4_prefill_indexer_args {
+    struct dsv4_prefill_compressor_args c;
+    struct dsv4_indexer_query q;
+    int variant;
+    void *scratch;
+};
+int dsv4_decode_indexer_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_decode_indexer(void *a, struct dsv4_err *e);
+int dsv4_prefill_indexer_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_prefill_indexer(void *a, struct dsv4_err *e);
 
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };

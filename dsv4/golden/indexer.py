@@ -498,8 +498,8 @@ def decode_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, ha
     and scored: score = (sum_h relu(S32 * qdq) * Wt) * kdq. topk_idxs holds the
     min(index_topk, vis) best slots + offset (score descending, slot ascending), -1
     elsewhere; score is NEG = -FLT_MAX beyond vis.
-    Returns score [B, 1, MAXS // 4] fp32, topk_idxs [B, 1, MAXS // 4] int32 and
-    idx_kv_cache (in place).
+    Returns score [B, 1, MAXS // 4] fp32, topk_idxs [B, 1, MAXS // 4] int32, and the
+    updated inner_kv, inner_compress_state and idx_kv_cache (in place).
     """
     cfg = get_config(config)
     kern = "decode_indexer"
@@ -551,7 +551,8 @@ def decode_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, ha
         score[b, 0, :v] = sc
         k = min(cfg.index_topk, v)
         topk_idxs[b, 0, :k] = (topk_desc(sc, k) + offset).astype(np.int32)
-    return {"score": score, "topk_idxs": topk_idxs, "idx_kv_cache": idx_kv_cache}
+    return {"score": score, "topk_idxs": topk_idxs, "inner_kv": inner_kv,
+            "inner_compress_state": inner_compress_state, "idx_kv_cache": idx_kv_cache}
 
 
 def prefill_score_cap(BLOCK=128):
@@ -575,7 +576,8 @@ def prefill_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, f
     and scored for all T rows: score = sum_h relu((S32 * qdq) * kdq) * Wt, NEG where
     c >= vis[t]. Token t < num_tokens gets its min(CAP, vis[t]) best slots + (WIN + T) in
     topk_idxs (score descending, slot ascending), -1 elsewhere.
-    Returns score [T, CAP] fp32, topk_idxs [T, CAP] int32, idx_kv_cache (in place).
+    Returns score [T, CAP] fp32, topk_idxs [T, CAP] int32, and the updated inner_kv_state,
+    inner_score_state and idx_kv_cache (in place).
     """
     cfg = get_config(config)
     kern = "prefill_indexer"
@@ -612,7 +614,8 @@ def prefill_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, f
              inner_norm_w, freqs_cos, freqs_sin, hadamard, idx_kv_cache, kv_scratch)
     score = np.full((T, CAP), NEG, np.float32)
     topk_idxs = np.full((T, CAP), -1, np.int32)
-    out = {"score": score, "topk_idxs": topk_idxs, "idx_kv_cache": idx_kv_cache}
+    out = {"score": score, "topk_idxs": topk_idxs, "inner_kv_state": inner_kv_state,
+           "inner_score_state": inner_score_state, "idx_kv_cache": idx_kv_cache}
     if MV == 0:
         return out
     Qr = qy.project(qr, qr_scale, wq_b, wq_b_scale, f32(cos)[:, :half], f32(sin)[:, :half],

@@ -414,12 +414,17 @@ COMPARATORS = {
         "score": score_valid_region(),
         # pypto-lib pairs with the constant OFFSET = WIN = 128, not the offset input
         "topk_idxs": topk_paired(_FLASH.sliding_window, _FLASH.index_topk, invalid_neg_inf=False),
+        # the inner compressor's state: pypto-lib does not compare it, the next step reads it
+        "inner_kv": ratio_allclose(atol=1e-4, rtol=1 / 128, max_error_ratio=0),
+        "inner_compress_state": _STATE_CMP,
         "idx_kv_cache": _cache_cmp(4, _IDX_NUMEL),
     },
     "prefill_indexer": {
         "score": ratio_allclose(atol=1e-4, rtol=1 / 128, max_error_ratio=0.005),
         "topk_idxs": topk_paired(_FLASH.sliding_window, _FLASH.index_topk,
                                  invalid_neg_inf=True, plus_tokens=True),
+        "inner_kv_state": _STATE_CMP,
+        "inner_score_state": _STATE_CMP,
         "idx_kv_cache": _cache_cmp(16, _IDX_NUMEL),
     },
 }
