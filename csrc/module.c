@@ -528,6 +528,11 @@ static const struct arg_spec mm_i8_args[] = {
     {"b", DSV4_I8, "K,N", IN, 0, MM(b)},
     {"c", DSV4_I32, "M,N", OUT, 0, MM(c)},
     {0}};
+static const struct arg_spec mm_i8_nt_args[] = {
+    {"a", DSV4_I8, "M,K", IN, 0, MM(a)},
+    {"b", DSV4_I8, "N,K", IN, 0, MM(b)},
+    {"c", DSV4_I32, "M,N", OUT, 0, MM(c)},
+    {0}};
 
 #define ROPE(f) offsetof(struct dsv4_rope_args, f)
 static const struct dim_spec rope_dims[] = {{"M", ROPE(M)}, {"R", ROPE(R)}, {"RW", ROPE(RW)}, {0}};
@@ -681,6 +686,8 @@ static const struct kernel_spec kernels[] = {
         1, DSV4_MATMUL_BF16, dsv4_matmul_args, mm_bf16_args, no_scalars, mm_dims, dsv4_matmul),
     ROW("matmul_i8", "c = a @ b, int8 inputs, exact int32.",
         1, DSV4_MATMUL_I8, dsv4_matmul_args, mm_i8_args, no_scalars, mm_dims, dsv4_matmul),
+    ROW("matmul_i8_nt", "c = a @ b.T for int8 weight rows b [N, K], exact int32.",
+        1, DSV4_MATMUL_I8_NT, dsv4_matmul_args, mm_i8_nt_args, no_scalars, mm_dims, dsv4_matmul),
     ROW("rope", "Interleaved RoPE, y bf16.",
         1, 0, dsv4_rope_args, rope_args, no_scalars, rope_dims, dsv4_rope),
     ROW("rope_inv", "Inverse interleaved RoPE, y bf16.",
@@ -1214,10 +1221,13 @@ static PyObject *set_isa(PyObject *self, PyObject *arg)
         isa = DSV4_ISA_SCALAR;
     else if (!strcmp(s, "avx512"))
         isa = DSV4_ISA_AVX512;
+    else if (!strcmp(s, "amx"))
+        isa = DSV4_ISA_AMX;
     else if (!strcmp(s, "auto"))
-        isa = dsv4_isa_supported(DSV4_ISA_AVX512) ? DSV4_ISA_AVX512 : DSV4_ISA_SCALAR;
+        isa = dsv4_best_isa();
     else {
-        PyErr_Format(PyExc_ValueError, "set_isa: isa must be 'auto', 'scalar' or 'avx512', got %R", arg);
+        PyErr_Format(PyExc_ValueError,
+                     "set_isa: isa must be 'auto', 'scalar', 'avx512' or 'amx', got %R", arg);
         return NULL;
     }
     if (!dsv4_isa_supported(isa)) {
@@ -1235,15 +1245,25 @@ static PyObject *get_isa(PyObject *self, PyObject *unused)
 
 static PyObject *available_isas(PyObject *self, PyObject *unused)
 {
-    return dsv4_isa_supported(DSV4_ISA_AVX512) ? Py_BuildValue("(ss)", "scalar", "avx512")
-                                               : Py_BuildValue("(s)", "scalar");
+    PyObject *l = PyList_New(0), *t = NULL;
+    for (int i = DSV4_ISA_SCALAR; l && i <= DSV4_ISA_AMX; i++) {
+        PyObject *name = dsv4_isa_supported((enum dsv4_isa)i)
+                             ? PyUnicode_FromString(dsv4_isa_name((enum dsv4_isa)i)) : NULL;
+        if (name && PyList_Append(l, name) < 0)
+            Py_CLEAR(l);
+        Py_XDECREF(name);
+    }
+    if (l)
+        t = PyList_AsTuple(l);
+    Py_XDECREF(l);
+    return t;
 }
 
 static PyMethodDef module_methods[] = {
     {"kernel_table", kernel_table, METH_NOARGS, "Every kernel's arguments, as the binding checks them."},
     {"set_num_threads", set_num_threads, METH_O, "Threads the kernels use (results do not depend on it)."},
     {"get_num_threads", get_num_threads, METH_NOARGS, "Threads the kernels use."},
-    {"set_isa", set_isa, METH_O, "'auto', 'scalar' or 'avx512': the code path of the hot loops."},
+    {"set_isa", set_isa, METH_O, "'auto', 'scalar', 'avx512' or 'amx': the code path of the hot loops."},
     {"get_isa", get_isa, METH_NOARGS, "The code path in use."},
     {"available_isas", available_isas, METH_NOARGS, "The code paths this CPU can run."},
     {NULL, NULL, 0, NULL}};

@@ -108,13 +108,46 @@ def test_same_bits_for_any_thread_count(kernel, threads):
             assert same_bits(runs[0][name], other[name]), name
 
 
-@pytest.mark.skipif("avx512" not in dsv4.available_isas(), reason="CPU has no AVX-512 VNNI")
+SIMD = ["avx512", "amx"]
+
+
+def need(name):
+    if name not in dsv4.available_isas():
+        pytest.skip(f"this CPU has no {name}")
+
+
+@pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_same_bits_scalar_and_simd(kernel, isa):
+def test_same_bits_scalar_and_simd(kernel, simd, isa):
+    need(simd)
     inputs = small_inputs(kernel)
     isa("scalar")
     ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
-    isa("avx512")
+    isa(simd)
+    out = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
+    for name in ref:
+        assert same_bits(ref[name], out[name]), name
+
+
+# 16 tokens or more, with the deployment's K, is where the int8 GEMMs run on AMX tiles
+TILED = {"prefill_sparse_attn": dict(T=16, compress_ratio=4),
+         "expert_shared": dict(T=16),
+         "expert_routed": dict(T=16, n_local_experts=2),
+         "moe": dict(T=16, n_ranks=2, layer_id=10, n_local_experts=4),
+         "decode_indexer": dict(B=16, S=1),
+         "prefill_indexer": dict(T=16, start_pos=0),
+         "qkv_proj_rope": dict(T=16),
+         "prefill_qkv_proj_rope": dict(B=1, S=16, start_pos=0)}
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("kernel", TILED)
+def test_same_bits_scalar_and_simd_at_tile_sizes(kernel, simd, isa):
+    need(simd)
+    inputs = getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3)
+    isa("scalar")
+    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
+    isa(simd)
     out = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
     for name in ref:
         assert same_bits(ref[name], out[name]), name

@@ -57,7 +57,7 @@ def restore_isa():
     dsv4.set_isa("auto")
 
 
-@pytest.fixture(params=["scalar", "avx512"])
+@pytest.fixture(params=["scalar", "avx512", "amx"])
 def each_isa(request):
     if request.param not in dsv4.available_isas():
         pytest.skip(f"{request.param} not available on this CPU")
@@ -428,11 +428,13 @@ def i8_ref(a, b):
     return a.astype(np.int64) @ b.astype(np.int64)
 
 
-@pytest.mark.parametrize("M", [1, 3, 8, 13])
+# M >= 16 with K a multiple of 64 takes the AMX tiles where the CPU has them; 13 and 40
+# leave a tile of 8 rows, 17 and 33 columns a partial tile
+@pytest.mark.parametrize("M", [1, 3, 8, 13, 16, 40])
 @pytest.mark.parametrize("K", [1, 5, 64, 1024, 1100])
 def test_matmul_i8_exact(M, K, each_isa):
     rng = np.random.default_rng(M * 10007 + K)
-    for N in (1, 17, 32, 100):
+    for N in (1, 17, 32, 33, 100):
         a = rng.integers(-128, 128, (M, K)).astype(np.int8)
         b = rng.integers(-128, 128, (K, N)).astype(np.int8)
         ref = i8_ref(a, b)
@@ -442,10 +444,32 @@ def test_matmul_i8_exact(M, K, each_isa):
         np.testing.assert_array_equal(gn.matmul_i8(a, b), ref)
 
 
+# weights as rows, the layout of the experts and of the attention output projection; K above
+# 2048 is summed in k-slices through the int32 output on AMX
+@pytest.mark.parametrize("M", [1, 8, 13, 16, 40])
+@pytest.mark.parametrize("K", [5, 64, 1100, 2048, 2112, 4096])
+def test_matmul_i8_nt_exact(M, K, each_isa):
+    rng = np.random.default_rng(M * 7919 + K)
+    for N in (1, 17, 33, 64):
+        a = rng.integers(-128, 128, (M, K)).astype(np.int8)
+        w = rng.integers(-128, 128, (N, K)).astype(np.int8)
+        c = _C.matmul_i8_nt(a=a, b=w)["c"]
+        assert c.dtype == np.int32 and c.shape == (M, N)
+        np.testing.assert_array_equal(c, i8_ref(a, w.T))
+
+
+@pytest.mark.parametrize("va,vb", [(-128, -128), (127, -128)])
+def test_matmul_i8_nt_extremes(va, vb, each_isa):
+    M, N, K = 40, 33, 8192
+    a = np.full((M, K), va, np.int8)
+    w = np.full((N, K), vb, np.int8)
+    np.testing.assert_array_equal(_C.matmul_i8_nt(a=a, b=w)["c"], np.full((M, N), va * vb * K))
+
+
 @pytest.mark.parametrize("K", [1, 5, 1023, 1024, 1025, 1100, 4096])
 @pytest.mark.parametrize("va,vb", [(-128, -128), (127, 127), (127, -128), (-128, 127)])
 def test_matmul_i8_extremes(K, va, vb, each_isa):
-    M, N = 9, 33
+    M, N = 24, 33
     a = np.full((M, K), va, np.int8)
     b = np.full((K, N), vb, np.int8)
     ref = np.full((M, N), va * vb * K, np.int64)

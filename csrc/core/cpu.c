@@ -1,5 +1,6 @@
 /* CPU feature detection, the ISA switch and the thread count: the only
  * mutable globals of the library. */
+#define _GNU_SOURCE
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,8 +30,39 @@ static int has_avx512(void)
     int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
     return f && bw && vl && vnni;
 }
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* AMX-INT8 tiles, with the OS saving tile state and granting it to this process */
+static int amx_probe(void)
+{
+    unsigned a, b, c, d;
+    if (!has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1))     /* AMX-TILE, AMX-INT8 */
+        return 0;
+    if ((xgetbv0() & 0x60000) != 0x60000)           /* XTILECFG, XTILEDATA */
+        return 0;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+static int has_amx(void)
+{
+    static int known = -1;
+    if (known < 0)
+        known = amx_probe();
+    return known;
+}
 #else
 static int has_avx512(void) { return 0; }
+static int has_amx(void) { return 0; }
 #endif
 
 static enum dsv4_isa g_isa = DSV4_ISA_SCALAR;
@@ -39,21 +71,29 @@ static int g_nthreads = 0;
 
 int dsv4_isa_supported(enum dsv4_isa isa)
 {
-    return isa == DSV4_ISA_SCALAR || (isa == DSV4_ISA_AVX512 && has_avx512());
+    return isa == DSV4_ISA_SCALAR || (isa == DSV4_ISA_AVX512 && has_avx512()) ||
+           (isa == DSV4_ISA_AMX && has_amx());
 }
 
 const char *dsv4_isa_name(enum dsv4_isa isa)
 {
-    return isa == DSV4_ISA_AVX512 ? "avx512" : "scalar";
+    return isa == DSV4_ISA_AMX ? "amx" : isa == DSV4_ISA_AVX512 ? "avx512" : "scalar";
+}
+
+enum dsv4_isa dsv4_best_isa(void)
+{
+    return has_amx() ? DSV4_ISA_AMX : has_avx512() ? DSV4_ISA_AVX512 : DSV4_ISA_SCALAR;
 }
 
 enum dsv4_isa dsv4_get_isa(void)
 {
     if (!g_isa_ready) {
-        g_isa = has_avx512() ? DSV4_ISA_AVX512 : DSV4_ISA_SCALAR;
+        g_isa = dsv4_best_isa();
         const char *env = getenv("DSV4_ISA");
         if (env && strcmp(env, "scalar") == 0)
             g_isa = DSV4_ISA_SCALAR;
+        else if (env && strcmp(env, "avx512") == 0 && has_avx512())
+            g_isa = DSV4_ISA_AVX512;
         g_isa_ready = 1;
     }
     return g_isa;

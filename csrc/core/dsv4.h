@@ -95,11 +95,7 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
                     const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
                     float *C, int64_t ldc, void *work);
 
-/* C[0:M, 0:nc] = A[M, K] @ P, P a panel [K][32] of fp32 (columns >= nc zero), M a multiple
- * of 8: the micro-kernel of dsv4_gemm_bf16 for operands already in fp32. */
 #define DSV4_PANEL 32
-void dsv4_gemm_f32_panel(const float *A, int64_t M, int64_t K, const float *P, float *C,
-                         int64_t ldc, int64_t nc);
 
 /* out[t, n] = X[t, :] . W[n, :] for bf16 weight rows W [N, K] (ldw) and X [T, K] fp32
  * holding bf16 values; runs its own parallel region of nth threads. work holds
@@ -126,7 +122,9 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
 
 /* ---- CPU features and threads -------------------------------------------- */
 
-enum dsv4_isa { DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX512 = 1 };
+/* Ordered: each level has every path of the one below. AMX adds the int8 tile GEMMs. */
+enum dsv4_isa { DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX512 = 1, DSV4_ISA_AMX = 2 };
+enum dsv4_isa dsv4_best_isa(void);
 int dsv4_isa_supported(enum dsv4_isa isa);
 enum dsv4_isa dsv4_get_isa(void);
 void dsv4_set_isa(enum dsv4_isa isa);
@@ -136,6 +134,7 @@ int dsv4_num_threads(void);
 void dsv4_set_num_threads(int n);
 
 static inline int64_t dsv4_round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+static inline void *dsv4_align_up(void *p, size_t a) { return (void *)(((uintptr_t)p + a - 1) & ~(uintptr_t)(a - 1)); }
 
 /* Scratch carving: measured with base == NULL in prepare(), replayed in run(). */
 struct dsv4_arena { char *base; size_t used; };

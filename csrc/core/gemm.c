@@ -22,6 +22,39 @@
 
 #define NR 32
 
+#if defined(__x86_64__)
+/* Transpose 16 x 16 dwords: out row q (stride ldo bytes) = column q of the 16 rows of in
+ * (stride ldi bytes); rows n >= nrows read as zero. */
+AVX512 static void tr16_dw(const void *in, int64_t ldi, int64_t nrows, void *out, int64_t ldo)
+{
+    __m512i r[16], t[16], u[16];
+    for (int n = 0; n < 16; n++)
+        r[n] = n < nrows ? _mm512_loadu_si512((const char *)in + n * ldi) : _mm512_setzero_si512();
+    for (int j = 0; j < 8; j++) {
+        t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+    }
+    /* u[4j + c], 128-bit lane L: column 4L + c of rows 4j..4j+3 */
+    for (int j = 0; j < 4; j++) {
+        u[4 * j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+        u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+    }
+    char *o = out;
+    for (int c = 0; c < 4; c++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+        __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+        _mm512_storeu_si512(o + (0 + c) * ldo, _mm512_shuffle_i32x4(v0, v2, 0x88));
+        _mm512_storeu_si512(o + (4 + c) * ldo, _mm512_shuffle_i32x4(v0, v2, 0xdd));
+        _mm512_storeu_si512(o + (8 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0x88));
+        _mm512_storeu_si512(o + (12 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0xdd));
+    }
+}
+#endif
+
 /* ---- bf16 -------------------------------------------------------------- */
 
 size_t dsv4_gemm_bf16_work(int64_t K) { return (size_t)K * NR * sizeof(float); }
@@ -112,24 +145,12 @@ AVX512 static void gemm_bf16_avx512(const float *A, int64_t M, int64_t K, const 
 }
 #endif
 
-void dsv4_gemm_f32_panel(const float *A, int64_t M, int64_t K, const float *P, float *C,
-                         int64_t ldc, int64_t nc)
-{
-#if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
-        gemm_bf16_avx512(A, M, K, P, C, ldc, nc);
-        return;
-    }
-#endif
-    gemm_bf16_scalar(A, M, K, P, C, ldc, nc);
-}
-
 void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
                     const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
                     float *C, int64_t ldc, void *work)
 {
     float *P = work;
-    int avx = dsv4_get_isa() == DSV4_ISA_AVX512;
+    int avx = dsv4_get_isa() >= DSV4_ISA_AVX512;
     for (int64_t j = 0; j < nc; j += NR) {
         int64_t w = nc - j < NR ? nc - j : NR;
 #if defined(__x86_64__)
@@ -182,12 +203,13 @@ static void gemm_i8_scalar(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t
 }
 
 #if defined(__x86_64__)
-/* Panel layout: for each group of 4 k, NR columns of 4 bytes (k0..k3), b + 128. */
+/* Panel layout: for each group of 4 k, NR columns of 4 bytes (k0..k3), b ^ flip (0x80 for
+ * VNNI's unsigned operand: b + 128). */
 AVX512 static void pack_i8(const int8_t *B, int64_t ldb, int64_t K, int64_t n0, int64_t nc,
-                           uint8_t *P)
+                           uint8_t *P, uint8_t flipb)
 {
     int64_t KG = dsv4_gemm_i8_lda(K) / 4;
-    const __m128i flip = _mm_set1_epi8((char)0x80);
+    const __m128i flip = _mm_set1_epi8((char)flipb);
     for (int64_t g = 0; g < KG; g++) {
         uint8_t *p = P + g * 4 * NR;
         if (nc == NR && 4 * g + 3 < K) {
@@ -211,7 +233,7 @@ AVX512 static void pack_i8(const int8_t *B, int64_t ldb, int64_t K, int64_t n0, 
             for (int64_t q = 0; q < 4; q++) {
                 int64_t k = 4 * g + q;
                 int8_t v = j < nc && k < K ? B[k * ldb + n0 + j] : 0;
-                p[4 * j + q] = (uint8_t)(v + 128);
+                p[4 * j + q] = (uint8_t)v ^ flipb;
             }
     }
 }
@@ -254,24 +276,6 @@ AVX512 static void gemm_i8_avx512(const int8_t *Ap, const int32_t *rowsum, int64
     }
 }
 #endif
-
-void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
-                  const int8_t *B, int64_t ldb, int64_t n0, int64_t nc,
-                  int32_t *C, int64_t ldc, void *work)
-{
-#if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
-        for (int64_t j = 0; j < nc; j += NR) {
-            int64_t w = nc - j < NR ? nc - j : NR;
-            pack_i8(B, ldb, K, n0 + j, w, work);
-            gemm_i8_avx512(Ap, rowsum, Mp, K, work, C + j, ldc, w);
-        }
-        return;
-    }
-#endif
-    (void)rowsum; (void)work;
-    gemm_i8_scalar(Ap, Mp, K, B, ldb, n0, nc, C, ldc);
-}
 
 /* ---- int8, weights as rows (W [N, K], row n = output column n) ----------------
  * The expert layout. C[m, n] = sum_k A[m, k] W[n, k], exact. The AVX-512 path
@@ -325,11 +329,181 @@ AVX512 static void gemm_i8_nt_avx512(const int8_t *Ap, const int32_t *rowsum, in
 }
 #endif
 
+#if defined(__x86_64__)
+/* ---- int8 on AMX tiles ----------------------------------------------------------
+ * TDPBSSD is int8 x int8 -> int32 exact, so these give the bits of every other path.
+ * Tiles 0-3 hold C (mr rows x 16 int32), 4-5 A (mr rows x 64 k), 6-7 B (16 k-quads x
+ * 16 columns x 4 k). A is read in place; B is transposed to that k-quad layout. */
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#define AMX_KMAX 2048   /* k-slice whose B tiles a column pair builds at once (64 KB) */
+
+struct amx_cfg {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+static const int8_t amx_zero[1024] __attribute__((aligned(64)));
+
+AMX static void amx_rows(int mr)
+{
+    struct amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = (uint8_t)(t < 6 ? mr : 16);
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* C rows [m, m + mr), columns [j, j + w) from tile t (w < 16 goes through a buffer) */
+#define AMX_STORE(t, C, ldc, m, j, w, mr)                                                     \
+    do {                                                                                    \
+        if ((w) == 16) {                                                                    \
+            _tile_stored(t, (C) + (m) * (ldc) + (j), (ldc) * 4);                            \
+        } else if ((w) > 0) {                                                               \
+            int32_t ct_[16 * 16] __attribute__((aligned(64)));                              \
+            _tile_stored(t, ct_, 64);                                                       \
+            for (int r_ = 0; r_ < (mr); r_++)                                               \
+                memcpy((C) + ((m) + r_) * (ldc) + (j), ct_ + r_ * 16, (size_t)(w) * 4);     \
+        }                                                                                   \
+    } while (0)
+
+/* tile t = C rows [m, m + mr), columns [j, j + w), zero beyond w */
+#define AMX_LOAD(t, C, ldc, m, j, w, mr)                                                      \
+    do {                                                                                    \
+        if ((w) == 16) {                                                                    \
+            _tile_loadd(t, (C) + (m) * (ldc) + (j), (ldc) * 4);                             \
+        } else {                                                                            \
+            int32_t ct_[16 * 16] __attribute__((aligned(64))) = {0};                        \
+            for (int r_ = 0; r_ < (mr); r_++)                                               \
+                memcpy(ct_ + r_ * 16, (C) + ((m) + r_) * (ldc) + (j), (size_t)(w) * 4);     \
+            _tile_loadd(t, ct_, 64);                                                        \
+        }                                                                                   \
+    } while (0)
+
+/* C[0:Mp, 0:w0 + w1] (+)= A . [B0 B1]: the B tile of the 64 k from k sits at bp + (k/64) * csp,
+ * its 16 rows brow bytes apart (a zero tile may stand in, with csp = 0) */
+AMX static void amx_gemm_i8(const int8_t *Ap, int64_t lda, int64_t Mp, int64_t K,
+                            const int8_t *b0, const int8_t *b1, int64_t cs0, int64_t cs1,
+                            int64_t brow, int64_t w0, int64_t w1, int32_t *C, int64_t ldc, int *mr,
+                            int acc)
+{
+    for (int64_t m = 0; m < Mp;) {
+        int64_t rem = Mp - m;
+        int rows = rem >= 16 ? 16 : 8, two = rem >= 32;
+        if (rows != *mr) {
+            *mr = rows;
+            amx_rows(rows);
+        }
+        if (acc) {
+            AMX_LOAD(0, C, ldc, m, 0, w0, rows);
+            AMX_LOAD(1, C, ldc, m, 16, w1, rows);
+            if (two) {
+                AMX_LOAD(2, C, ldc, m + 16, 0, w0, rows);
+                AMX_LOAD(3, C, ldc, m + 16, 16, w1, rows);
+            }
+        } else {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int64_t k = 0; k < K; k += 64) {
+            _tile_loadd(4, Ap + m * lda + k, lda);
+            _tile_loadd(6, b0 + (k / 64) * cs0, brow);
+            _tile_loadd(7, b1 + (k / 64) * cs1, brow);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            if (two) {
+                _tile_loadd(5, Ap + (m + 16) * lda + k, lda);
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            }
+        }
+        AMX_STORE(0, C, ldc, m, 0, w0, rows);
+        AMX_STORE(1, C, ldc, m, 16, w1, rows);
+        if (two) {
+            AMX_STORE(2, C, ldc, m + 16, 0, w0, rows);
+            AMX_STORE(3, C, ldc, m + 16, 16, w1, rows);
+        }
+        m += two ? 32 : rows;
+    }
+}
+
+/* W rows [n0, n0 + nc) of length K: the B tiles of a column pair are built once per call for
+ * k-slices of AMX_KMAX; the int32 partial sums of a slice go through C, exactly. */
+AMX static void gemm_i8_nt_amx(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *W,
+                               int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
+{
+    int8_t bt[2][AMX_KMAX / 64][1024] __attribute__((aligned(64)));
+    int mr = 0;
+    for (int64_t j = 0; j < nc; j += 32) {
+        int64_t w0 = nc - j < 16 ? nc - j : 16, w1 = nc - j - 16 < 0 ? 0 : nc - j - 16 < 16 ? nc - j - 16 : 16;
+        for (int64_t k0 = 0; k0 < K; k0 += AMX_KMAX) {
+            int64_t kn = K - k0 < AMX_KMAX ? K - k0 : AMX_KMAX;
+            for (int64_t k = 0; k < kn; k += 64) {
+                tr16_dw(W + (n0 + j) * ldw + k0 + k, ldw, w0, bt[0][k / 64], 64);
+                if (w1)
+                    tr16_dw(W + (n0 + j + 16) * ldw + k0 + k, ldw, w1, bt[1][k / 64], 64);
+            }
+            amx_gemm_i8(Ap + k0, K, Mp, kn, bt[0][0], w1 ? bt[1][0] : amx_zero, 1024,
+                        w1 ? 1024 : 0, 64, w0, w1, C + j, ldc, &mr, k0 > 0);
+        }
+    }
+    _tile_release();
+}
+
+/* B [K, N] in panels of 32 columns: the VNNI panel of pack_i8, without the +128 */
+AMX static void gemm_i8_amx(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *B,
+                            int64_t ldb, int64_t n0, int64_t nc, int32_t *C, int64_t ldc,
+                            uint8_t *P)
+{
+    int mr = 0;
+    for (int64_t j = 0; j < nc; j += NR) {
+        int64_t w = nc - j < NR ? nc - j : NR;
+        pack_i8(B, ldb, K, n0 + j, w, P, 0);
+        int64_t w0 = w < 16 ? w : 16, w1 = w - w0;
+        amx_gemm_i8(Ap, K, Mp, K, (const int8_t *)P, (const int8_t *)P + 64, 16 * 4 * NR,
+                    16 * 4 * NR, 4 * NR, w0, w1, C + j, ldc, &mr, 0);
+    }
+    _tile_release();
+}
+#endif
+
+void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                  const int8_t *B, int64_t ldb, int64_t n0, int64_t nc,
+                  int32_t *C, int64_t ldc, void *work)
+{
+#if defined(__x86_64__)
+    if (dsv4_get_isa() == DSV4_ISA_AMX && K % 64 == 0 && Mp >= 16) {
+        gemm_i8_amx(Ap, Mp, K, B, ldb, n0, nc, C, ldc, work);
+        return;
+    }
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
+        for (int64_t j = 0; j < nc; j += NR) {
+            int64_t w = nc - j < NR ? nc - j : NR;
+            pack_i8(B, ldb, K, n0 + j, w, work, 0x80);
+            gemm_i8_avx512(Ap, rowsum, Mp, K, work, C + j, ldc, w);
+        }
+        return;
+    }
+#endif
+    (void)rowsum; (void)work;
+    gemm_i8_scalar(Ap, Mp, K, B, ldb, n0, nc, C, ldc);
+}
+
 void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
                      const int8_t *W, int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
 {
 #if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
+    if (dsv4_get_isa() == DSV4_ISA_AMX && K % 64 == 0 && Mp >= 16) {
+        gemm_i8_nt_amx(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
+        return;
+    }
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         gemm_i8_nt_avx512(Ap, rowsum, Mp, K, W, ldw, n0, nc, C, ldc);
         return;
     }
@@ -341,21 +515,80 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
 
 /* ---- out[T, N] = X[T, K] . W[N, K]^T for bf16 weights stored as rows ---------------
  * Few tokens: dot products, one per output, in the dsv4_dot_f32 lane order. From
- * DSV4_XWT_PANEL_MIN tokens on: the tokens are laid out as [K][32] panels and every group
- * of weight rows meets them in the register-blocked GEMM (sequential k). Both paths are
+ * DSV4_XWT_PANEL_MIN tokens on: the tokens are laid out as [K][32] panels, each group of
+ * 8 weight rows is converted to fp32 in k-blocks of XWT_KC, and they meet in a
+ * register-blocked micro-kernel. The accumulators go through memory between k-blocks,
+ * which is exact, so every output is still fmaf over k = 0..K-1 in order. Both paths are
  * exact per product for bf16-valued X; each output comes from one thread. */
 
 #include <omp.h>
 
-#define XWT_ROWS 64
+#define XWT_ROWS 128
+#define XWT_KC 256
 
 size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int nth)
 {
     if (T < DSV4_XWT_PANEL_MIN)
         return 0;
     int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
-    return ((size_t)nb * K * DSV4_PANEL + (size_t)nth * (XWT_ROWS * K + XWT_ROWS * DSV4_PANEL)) *
-           sizeof(float);
+    return ((size_t)nb * K * DSV4_PANEL + (size_t)nth * (XWT_ROWS * XWT_KC + XWT_ROWS * DSV4_PANEL * nb)) *
+           sizeof(float) + 64 * (size_t)nth;
+}
+
+/* ct[8][32] += A[8][lda] (weight rows) . B[kb][32] (token panel), sequential k */
+static void xwt_micro_scalar(const float *A, int64_t lda, const float *B, int64_t kb, float *ct)
+{
+    for (int r = 0; r < 8; r++)
+        for (int j = 0; j < DSV4_PANEL; j++) {
+            float c = ct[r * DSV4_PANEL + j];
+            for (int64_t k = 0; k < kb; k++)
+                c = fmaf(A[r * lda + k], B[k * DSV4_PANEL + j], c);
+            ct[r * DSV4_PANEL + j] = c;
+        }
+}
+
+#if defined(__x86_64__)
+AVX512 static void xwt_micro_avx512(const float *A, int64_t lda, const float *B, int64_t kb,
+                                    float *ct)
+{
+    __m512 c[8][2];
+    for (int r = 0; r < 8; r++) {
+        c[r][0] = _mm512_load_ps(ct + r * DSV4_PANEL);
+        c[r][1] = _mm512_load_ps(ct + r * DSV4_PANEL + 16);
+    }
+    for (int64_t k = 0; k < kb; k++) {
+        __m512 b0 = _mm512_load_ps(B + k * DSV4_PANEL), b1 = _mm512_load_ps(B + k * DSV4_PANEL + 16);
+        for (int r = 0; r < 8; r++) {
+            __m512 av = _mm512_set1_ps(A[r * lda + k]);
+            c[r][0] = _mm512_fmadd_ps(av, b0, c[r][0]);
+            c[r][1] = _mm512_fmadd_ps(av, b1, c[r][1]);
+        }
+    }
+    for (int r = 0; r < 8; r++) {
+        _mm512_store_ps(ct + r * DSV4_PANEL, c[r][0]);
+        _mm512_store_ps(ct + r * DSV4_PANEL + 16, c[r][1]);
+    }
+}
+#endif
+
+/* X rows (nc <= 32 of them) -> P[k][32], columns >= nc zero; 16 k at a time so that the
+ * strided writes stay in a few cache lines */
+static void xwt_pack_tokens(const float *X, int64_t ldx, int64_t nc, int64_t K, float *P)
+{
+    int64_t k0 = 0;
+#if defined(__x86_64__)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
+        for (; k0 + 16 <= K; k0 += 16) {
+            tr16_dw(X + k0, ldx * 4, nc, P + k0 * DSV4_PANEL, DSV4_PANEL * 4);
+            tr16_dw(X + 16 * ldx + k0, ldx * 4, nc - 16, P + k0 * DSV4_PANEL + 16, DSV4_PANEL * 4);
+        }
+#endif
+    for (; k0 < K; k0 += 16) {
+        int64_t kn = K - k0 < 16 ? K - k0 : 16;
+        for (int64_t j = 0; j < DSV4_PANEL; j++)
+            for (int64_t k = k0; k < k0 + kn; k++)
+                P[k * DSV4_PANEL + j] = j < nc ? X[j * ldx + k] : 0.0f;
+    }
 }
 
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
@@ -370,34 +603,70 @@ void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t l
         }
         return;
     }
-    const int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
-    float *panels = work, *thr = panels + (size_t)nb * K * DSV4_PANEL;
+    void (*micro)(const float *, int64_t, const float *, int64_t, float *) = xwt_micro_scalar;
+#if defined(__x86_64__)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
+        micro = xwt_micro_avx512;
+#endif
+    const int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL, nkb = (K + XWT_KC - 1) / XWT_KC;
+    float *panels = work;
+    char *thr = (char *)(panels + (size_t)nb * K * DSV4_PANEL);
+    const size_t per = (size_t)(XWT_ROWS * XWT_KC + XWT_ROWS * DSV4_PANEL * nb) * sizeof(float) + 64;
     #pragma omp parallel num_threads(nth)
     {
         const int ith = omp_get_thread_num(), nt = omp_get_num_threads();
         for (int64_t b = ith; b < nb; b += nt) {
-            float *P = panels + (size_t)b * K * DSV4_PANEL;
-            for (int64_t j = 0; j < DSV4_PANEL; j++) {
-                int64_t t = b * DSV4_PANEL + j;
-                for (int64_t k = 0; k < K; k++)
-                    P[k * DSV4_PANEL + j] = t < T ? X[t * ldx + k] : 0.0f;
-            }
+            int64_t t0 = b * DSV4_PANEL, nc = T - t0 < DSV4_PANEL ? T - t0 : DSV4_PANEL;
+            xwt_pack_tokens(X + t0 * ldx, ldx, nc, K, panels + (size_t)b * K * DSV4_PANEL);
         }
         #pragma omp barrier
-        float *wf = thr + (size_t)ith * (XWT_ROWS * K + XWT_ROWS * DSV4_PANEL);
-        float *ct = wf + XWT_ROWS * K;
+        /* wf: one k-block of the unit's rows in fp32, [row group][8][XWT_KC]; ct: [nb][rows][32] */
+        float *wf = (float *)dsv4_align_up(thr + (size_t)ith * per, 64);
+        float *ct = wf + XWT_ROWS * XWT_KC;
         for (int64_t u = ith; u < units; u += nt) {
             int64_t r0 = u * XWT_ROWS, nr = N - r0 < XWT_ROWS ? N - r0 : XWT_ROWS;
-            int64_t mr = dsv4_round_up(nr, DSV4_GEMM_MR);
-            for (int64_t r = 0; r < nr; r++)
-                dsv4_bf16_row_to_f32(W + (r0 + r) * ldw, K, wf + r * K);
-            memset(wf + nr * K, 0, (size_t)(mr - nr) * K * sizeof(float));
+            int64_t ng = (nr + 7) / 8;
+            memset(ct, 0, (size_t)nb * ng * 8 * DSV4_PANEL * sizeof(float));
+            memset(wf + nr * XWT_KC, 0, (size_t)(ng * 8 - nr) * XWT_KC * sizeof(float));
+            for (int64_t kb = 0; kb < nkb; kb++) {
+                int64_t k0 = kb * XWT_KC, kn = K - k0 < XWT_KC ? K - k0 : XWT_KC;
+                for (int64_t r = 0; r < nr; r++)
+                    dsv4_bf16_row_to_f32(W + (r0 + r) * ldw + k0, kn, wf + r * XWT_KC);
+                /* the rows of the next k-block (or unit) come in while this one computes */
+                int64_t pr0 = r0, pk0 = k0 + XWT_KC, pnr = nr;
+                if (pk0 >= K) {
+                    pr0 = r0 + nt * XWT_ROWS;
+                    pk0 = 0;
+                    pnr = pr0 < N ? (N - pr0 < XWT_ROWS ? N - pr0 : XWT_ROWS) : 0;
+                }
+                const int64_t plen = (K - pk0 < XWT_KC ? K - pk0 : XWT_KC) * (int64_t)sizeof(bf16_t);
+                const int64_t lpr = (plen + 63) / 64, lines = pnr * lpr, calls = nb * ng;
+                const int64_t step = (lines + calls - 1) / calls;
+                int64_t pf = 0;
+                for (int64_t b = 0; b < nb; b++) {
+                    const float *P = panels + ((size_t)b * K + k0) * DSV4_PANEL;
+                    for (int64_t g = 0; g < ng; g++) {
+                        for (int64_t i = 0; i < step && pf < lines; i++, pf++)
+                            __builtin_prefetch((const char *)(W + (pr0 + pf / lpr) * ldw + pk0) +
+                                               (pf % lpr) * 64, 0, 2);
+                        micro(wf + g * 8 * XWT_KC, XWT_KC, P, kn, ct + (b * ng + g) * 8 * DSV4_PANEL);
+                    }
+                }
+            }
             for (int64_t b = 0; b < nb; b++) {
                 int64_t t0 = b * DSV4_PANEL, nc = T - t0 < DSV4_PANEL ? T - t0 : DSV4_PANEL;
-                dsv4_gemm_f32_panel(wf, mr, K, panels + (size_t)b * K * DSV4_PANEL, ct, DSV4_PANEL, nc);
-                for (int64_t r = 0; r < nr; r++)
-                    for (int64_t j = 0; j < nc; j++)
-                        out[(t0 + j) * ldo + r0 + r] = ct[r * DSV4_PANEL + j];
+                const float *c = ct + b * ng * 8 * DSV4_PANEL;
+                int64_t r = 0;
+#if defined(__x86_64__)
+                if (micro == xwt_micro_avx512 && nc == DSV4_PANEL)
+                    for (; r + 16 <= nr; r += 16)
+                        for (int64_t j = 0; j < DSV4_PANEL; j += 16)
+                            tr16_dw(c + r * DSV4_PANEL + j, DSV4_PANEL * 4, 16,
+                                    out + (t0 + j) * ldo + r0 + r, ldo * 4);
+#endif
+                for (int64_t j = 0; j < nc; j++)
+                    for (int64_t rr = r; rr < nr; rr++)
+                        out[(t0 + j) * ldo + r0 + rr] = c[rr * DSV4_PANEL + j];
             }
         }
     }

@@ -126,7 +126,7 @@ void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
 {
     int64_t i0 = 0;
 #if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
         for (; i0 + 4 <= NX; i0 += 4) {
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
@@ -143,7 +143,7 @@ void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, i
 {
     int64_t m = 0;
 #if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
         for (; m + 8 <= M; m += 8)
             dot8_avx512(x, W + m * ldw, ldw, n, out + m);
 #endif
@@ -154,7 +154,7 @@ void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, i
 float dsv4_dot_f32(const float *a, const float *b, int64_t n)
 {
 #if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
         return dot_avx512(a, b, n);
 #endif
     return dot_scalar(a, b, n);
@@ -203,8 +203,27 @@ void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t 
     }
 }
 
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl"))) static void bf16_row_to_f32_avx512(const bf16_t *x, int64_t n, float *y)
+{
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + k)));
+        _mm512_storeu_ps(y + k, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+    for (; k < n; k++)
+        y[k] = dsv4_bf16_to_f32(x[k]);
+}
+#endif
+
 void dsv4_bf16_row_to_f32(const bf16_t *x, int64_t n, float *y)
 {
+#if defined(__x86_64__)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
+        bf16_row_to_f32_avx512(x, n, y);
+        return;
+    }
+#endif
     for (int64_t k = 0; k < n; k++)
         y[k] = dsv4_bf16_to_f32(x[k]);
 }
@@ -315,7 +334,7 @@ void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
 {
     int64_t i0 = 0;
 #if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         for (; i0 + 4 <= NX; i0 += 4) {
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
@@ -384,7 +403,7 @@ __attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
 void dsv4_pv(const float *P, int64_t ldp, int64_t H, const float *V, int64_t n, int64_t HD, float *O)
 {
 #if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AVX512) {
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         pv_avx512(P, ldp, H, V, n, HD, O);
         return;
     }

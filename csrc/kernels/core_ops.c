@@ -55,7 +55,7 @@ static void mm_layout(const struct dsv4_matmul_args *a, int nth, struct dsv4_are
                       struct mm_scratch *s)
 {
     int64_t Mp = dsv4_round_up(a->M, DSV4_GEMM_MR);
-    int i8 = a->variant == DSV4_MATMUL_I8;
+    int i8 = a->variant != DSV4_MATMUL_BF16;
     size_t w = i8 ? dsv4_gemm_i8_work(a->K) : dsv4_gemm_bf16_work(a->K);
     s->a = dsv4_take(ar, i8 ? (size_t)Mp * dsv4_gemm_i8_lda(a->K) : (size_t)Mp * a->K * 4);
     s->rowsum = dsv4_take(ar, (size_t)Mp * sizeof(int32_t));
@@ -69,7 +69,7 @@ static int mm_threads(void) { int n = dsv4_num_threads(); return n > 256 ? 256 :
 int dsv4_matmul_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 {
     struct dsv4_matmul_args *a = p;
-    if (a->variant == DSV4_MATMUL_I8 && a->K > 65536) {
+    if (a->variant != DSV4_MATMUL_BF16 && a->K > 65536) {
         snprintf(e->msg, sizeof e->msg, "K = %lld exceeds 65536", (long long)a->K);
         return DSV4_EVALUE;
     }
@@ -88,7 +88,7 @@ int dsv4_matmul(void *p, struct dsv4_err *e)
     struct mm_scratch s;
     mm_layout(a, nthr, &ar, &s);
     int64_t M = a->M, K = a->K, N = a->N, Mp = dsv4_round_up(M, DSV4_GEMM_MR);
-    int i8 = a->variant == DSV4_MATMUL_I8;
+    int i8 = a->variant != DSV4_MATMUL_BF16;
 
     if (i8) {
         dsv4_gemm_i8_prep_a(a->a, M, K, s.a, s.rowsum);
@@ -104,7 +104,9 @@ int dsv4_matmul(void *p, struct dsv4_err *e)
         int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         for (int64_t u = ith; u < units; u += nth) {
             int64_t n0 = u * 64, nc = N - n0 < 64 ? N - n0 : 64;
-            if (i8)
+            if (a->variant == DSV4_MATMUL_I8_NT)
+                dsv4_gemm_i8_nt(s.a, s.rowsum, Mp, K, a->b, K, n0, nc, (int32_t *)s.c + n0, N);
+            else if (i8)
                 dsv4_gemm_i8(s.a, s.rowsum, Mp, K, a->b, N, n0, nc, (int32_t *)s.c + n0, N,
                              s.work[ith]);
             else

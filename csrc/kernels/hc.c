@@ -200,7 +200,7 @@ int dsv4_hc_post(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_post_args *a = p;
     const int64_t D = a->D, nb = (D + POST_BLOCK - 1) / POST_BLOCK;
-    const int avx = dsv4_get_isa() == DSV4_ISA_AVX512;
+    const int avx = dsv4_get_isa() >= DSV4_ISA_AVX512;
     #pragma omp parallel for schedule(static) num_threads(dsv4_num_threads())
     for (int64_t u = 0; u < a->T * nb; u++) {
         int64_t t = u / nb, d = (u % nb) * POST_BLOCK, end = d + POST_BLOCK < D ? d + POST_BLOCK : D;

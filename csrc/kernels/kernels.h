@@ -350,10 +350,10 @@ struct dsv4_quant_int8_args {
 int dsv4_quant_int8_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_quant_int8(void *a, struct dsv4_err *e);
 
-enum { DSV4_MATMUL_BF16, DSV4_MATMUL_I8 };
+enum { DSV4_MATMUL_BF16, DSV4_MATMUL_I8, DSV4_MATMUL_I8_NT };
 struct dsv4_matmul_args {
     const void *a;            /* [M, K] */
-    const void *b;            /* [K, N] */
+    const void *b;            /* [K, N]; [N, K] for I8_NT */
     void *c;                  /* [M, N] fp32 or int32 */
     int64_t M, K, N;
     int variant;
