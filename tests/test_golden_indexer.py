@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 import dsv4
+from conftest import same_bits
+from dsv4.check import fresh
 from dsv4.compare import compare_outputs
 from dsv4.specs import indexer as sp
 
@@ -617,13 +619,10 @@ def _decode_bad_cases():
         d[tk][7, p // 4] = 10 ** 6
     def neg_pos(d):
         d["position_ids"][5, 0] = -1
-    def big_pos(d):
-        d["position_ids"][0, 0] = CFG.max_position_embeddings
     def two_tokens(d):
         d["x"] = np.repeat(d["x"], 2, axis=1)
     return {"idx_slot_mapping": big_slot, "inner_state_slot_mapping": big_state_row,
-            "block_table": table_entry, "position_ids": neg_pos, "max_position": big_pos,
-            "S": two_tokens}
+            "block_table": table_entry, "position_ids": neg_pos, "S": two_tokens}
 
 
 @pytest.mark.parametrize("kernel", ["decode_indexer_compressor", "decode_indexer"])
@@ -635,7 +634,7 @@ def test_decode_errors_leave_inputs_untouched(kernel, case):
     with pytest.raises(ValueError) as e:
         getattr(G, kernel)(**inp, config=CFG)
     assert kernel in str(e.value)
-    word = {"max_position": "position_ids", "S": "S = 2"}.get(case, case)
+    word = {"S": "S = 2"}.get(case, case)
     assert word in str(e.value)
     assert same_arrays(before, snapshot(inp))
 
@@ -656,6 +655,45 @@ def test_decode_indexer_errors_leave_inputs_untouched(case):
     with pytest.raises(ValueError, match=case.removesuffix("_neg")):
         G.decode_indexer(**inp, config=CFG)
     assert same_arrays(before, snapshot(inp))
+
+
+def _widen_table(inp, name, extra):
+    """The same table with `extra` more pages, all -1 (missing)."""
+    t = inp[name]
+    pad = np.full(t.shape[:-1] + (extra,), -1, t.dtype)
+    return {**inp, name: np.concatenate([t, pad], axis=-1)}
+
+
+# §4.3.3: a pooled position whose state page lies beyond the table is a missing row, the same
+# as a -1 entry; C and golden agree on it, and with the main compressor's rule (FLASH shapes:
+# the C indexer needs a multiple of 8 heads)
+@pytest.mark.parametrize("kernel", ["decode_indexer_compressor", "decode_indexer",
+                                    "prefill_indexer_compressor", "prefill_indexer"])
+def test_positions_beyond_the_state_table_are_missing_rows(kernel):
+    decode = kernel.startswith("decode")
+    inp = (getattr(sp, kernel)(B=8, seed=21) if decode
+           else getattr(sp, kernel)(T=128, start_pos=0, seed=21))
+    name = ("compress_state_block_table" if "compress_state_block_table" in inp
+            else "inner_compress_state_block_table")
+    state = next(v for k, v in inp.items() if k.endswith(("compress_state", "kv_state")))
+    pages = 2048                                      # a table shorter than the RoPE tables
+    inp[name] = np.ascontiguousarray(inp[name][..., :pages])
+    end = pages * state.shape[1]                      # first position beyond the table
+    if decode:                                        # windows ending 3 rows past it and inside
+        inp["position_ids"][:, 0] = end + 3 - 4 * (np.arange(8) % 2)
+    else:                                             # the last window ends 3 rows past it
+        inp["position_ids"] = (end + 3 - 127 + np.arange(128)).astype(inp["position_ids"].dtype)
+    wide = _widen_table(inp, name, 4)
+    outs = {}
+    for label, d in (("short", inp), ("wide", wide)):
+        outs[label, "golden"] = getattr(G, kernel)(**fresh(kernel, d))
+        outs[label, "C"] = dsv4.KERNELS[kernel](**fresh(kernel, d))
+    for impl in ("golden", "C"):
+        for out in outs["short", impl]:
+            assert same_bits(outs["short", impl][out], outs["wide", impl][out]), (impl, out)
+    report = compare_outputs(outs["short", "C"], outs["short", "golden"],
+                             dsv4.specs.COMPARATORS[kernel], inputs=inp)
+    assert report.passed, str(report)
 
 
 def test_decode_indexer_ignores_table_beyond_visible_slots():

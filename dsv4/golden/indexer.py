@@ -140,8 +140,7 @@ class _DecodeCompressor(_Compressor):
                      (names["state_slot_mapping"], state_slot_mapping)):
             _shape(kernel, n, a, (B, 1))
         pos = _ints(position_ids)[:, 0]
-        _first(kernel, "position_ids", position_ids, (pos < 0) | (pos >= self.MAXS),
-               f"is outside [0, max_position_embeddings = {self.MAXS})")
+        _first(kernel, "position_ids", position_ids, pos < 0, "is negative")
         srow = _ints(state_slot_mapping)[:, 0]
         _first(kernel, names["state_slot_mapping"], state_slot_mapping,
                srow >= self.NB * self.PAGE,
@@ -156,8 +155,7 @@ class _DecodeCompressor(_Compressor):
                     continue
                 page = q // self.PAGE
                 if page >= width:
-                    _fail(kernel, f"position_ids[{b}, 0] = {pos[b]} pools position {q}, whose "
-                                  f"state page {page} is beyond the {width} columns of {tb}")
+                    continue                       # beyond the table: a missing row (§4.3.3)
                 if tbl[b, page] >= self.NB:
                     _fail(kernel, f"{tb}[{b}, {page}] = {tbl[b, page]} is outside [0, {self.NB}) "
                                   f"(pages of {st}), read for position {q}")
@@ -191,8 +189,8 @@ class _DecodeCompressor(_Compressor):
             for j in range(2 * RATIO):
                 front = j < RATIO                  # slots 0..3: previous window, front half
                 q = cur - RATIO + j                # slots 4..7: this window, back half
-                if q < 0:
-                    continue
+                if q < 0 or q // PAGE >= self.tbl.shape[1]:
+                    continue                       # before position 0 or beyond the table
                 blk = int(self.tbl[b, q // PAGE])
                 if blk < 0:
                     continue
@@ -273,8 +271,7 @@ class _PrefillCompressor(_Compressor):
             _shape(kernel, name, a, (T,))
         pos = _ints(position_ids)
         valid = np.arange(T) < n
-        _first(kernel, "position_ids", position_ids, valid & ((pos < 0) | (pos >= self.MAXS)),
-               f"is outside [0, max_position_embeddings = {self.MAXS})")
+        _first(kernel, "position_ids", position_ids, valid & (pos < 0), "is negative")
         srow = _ints(state_slot_mapping)
         _first(kernel, names["state_slot_mapping"], state_slot_mapping,
                valid & (srow >= self.NB * self.PAGE),
@@ -297,18 +294,15 @@ class _PrefillCompressor(_Compressor):
                               f"{rope_rows} rows of freqs_cos/freqs_sin")
             first = cur - RATIO if wp >= 2 * RATIO - 1 else cur
             for q in range(first, cur + RATIO):
-                if q < 0 or q >= self.MAXS:
-                    continue
-                if q // self.PAGE >= tbl.shape[0]:
-                    _fail(kernel, f"token {t} (position {wp}) pools position {q}, whose state page "
-                                  f"{q // self.PAGE} is beyond the {tbl.shape[0]} entries of {tb}")
+                if q < 0 or q // self.PAGE >= tbl.shape[0]:
+                    continue                       # missing rows (§4.3.3)
                 if tbl[q // self.PAGE] >= self.NB:
                     _fail(kernel, f"{tb}[{q // self.PAGE}] = {tbl[q // self.PAGE]} is outside "
                                   f"[0, {self.NB}) (pages of {ks}), read for position {q}")
         self.pos, self.srow, self.dst, self.tbl, self.flagged = pos, srow, dst, tbl, flagged
 
     def _row(self, q):
-        if q < 0 or q >= self.MAXS:
+        if q < 0 or q // self.PAGE >= self.tbl.shape[0]:
             return -1
         blk = int(self.tbl[q // self.PAGE])
         return -1 if blk < 0 else blk * self.PAGE + q % self.PAGE
