@@ -571,9 +571,21 @@ def test_isa_matmul_bf16_identical(need_avx512):
 def test_isa_quant_int8_identical(need_avx512):
     rng = np.random.default_rng(13)
     x = (rng.standard_normal((50, 333)) * np.exp2(rng.integers(-10, 10, (50, 1)))).astype(np.float32)
+    # rows with NaN (skipped by the max, quantised to 0), infinities (amax inf: every q 0),
+    # exact .5 ties of v * 127 / amax, a row below INT8_AMAX_EPS and a zero row; the vector
+    # path takes 16 lanes at a time, so the specials sit in the body and in the tail
+    x[0, [3, 40, 332]] = np.nan
+    x[1, 17] = np.inf
+    x[2, 5] = -np.inf
+    x[3, :] = 0.0
+    x[4, :] = 1e-6
+    x[5, :] = np.arange(333, dtype=np.float32) - 166.0       # amax 166: many .5 ties
+    x[5, 0] = 127.0 * 2.0                                     # amax 254: v/2 ties exactly
     s, v = under_both(lambda: tuple(_C.quant_int8(x=x).values()))
     for p, q in zip(s, v):
         np.testing.assert_array_equal(p.view(np.uint8), q.view(np.uint8))
+    q = s[0] if s[0].dtype == np.int8 else s[1]
+    assert (q[0, [3, 40, 332]] == 0).all() and (q[1] == 0).all() and (q[3] == 0).all()
 
 
 def test_isa_qkv_proj_rope_identical(need_avx512):

@@ -346,6 +346,12 @@ struct amx_cfg {
 
 static const int8_t amx_zero[1024] __attribute__((aligned(64)));
 
+/* lines of the next operand to bring in while the tiles compute: rows of lpr lines, ld apart */
+struct amx_prefetch {
+    const char *base;
+    int64_t ld, rows, lpr, next;
+};
+
 AMX static void amx_rows(int mr)
 {
     struct amx_cfg c;
@@ -389,7 +395,7 @@ AMX static void amx_rows(int mr)
 AMX static void amx_gemm_i8(const int8_t *Ap, int64_t lda, int64_t Mp, int64_t K,
                             const int8_t *b0, const int8_t *b1, int64_t cs0, int64_t cs1,
                             int64_t brow, int64_t w0, int64_t w1, int32_t *C, int64_t ldc, int *mr,
-                            int acc)
+                            int acc, struct amx_prefetch *pf)
 {
     for (int64_t m = 0; m < Mp;) {
         int64_t rem = Mp - m;
@@ -412,6 +418,8 @@ AMX static void amx_gemm_i8(const int8_t *Ap, int64_t lda, int64_t Mp, int64_t K
             _tile_zero(3);
         }
         for (int64_t k = 0; k < K; k += 64) {
+            for (int i = 0; pf && i < 8 && pf->next < pf->rows * pf->lpr; i++, pf->next++)
+                __builtin_prefetch(pf->base + (pf->next / pf->lpr) * pf->ld + (pf->next % pf->lpr) * 64, 0, 2);
             _tile_loadd(4, Ap + m * lda + k, lda);
             _tile_loadd(6, b0 + (k / 64) * cs0, brow);
             _tile_loadd(7, b1 + (k / 64) * cs1, brow);
@@ -445,12 +453,19 @@ AMX static void gemm_i8_nt_amx(const int8_t *Ap, int64_t Mp, int64_t K, const in
         for (int64_t k0 = 0; k0 < K; k0 += AMX_KMAX) {
             int64_t kn = K - k0 < AMX_KMAX ? K - k0 : AMX_KMAX;
             for (int64_t k = 0; k < kn; k += 64) {
+                if (k + 256 < kn)               /* four chunks ahead: the rows stream in */
+                    for (int64_t r = 0; r < w0 + w1; r++)
+                        __builtin_prefetch(W + (n0 + j + r) * ldw + k0 + k + 256, 0, 3);
                 tr16_dw(W + (n0 + j) * ldw + k0 + k, ldw, w0, bt[0][k / 64], 64);
                 if (w1)
                     tr16_dw(W + (n0 + j + 16) * ldw + k0 + k, ldw, w1, bt[1][k / 64], 64);
             }
+            /* the next column pair's rows of this k-slice */
+            int64_t nr = nc - j - 32 < 0 ? 0 : nc - j - 32 < 32 ? nc - j - 32 : 32;
+            struct amx_prefetch pf = {(const char *)(W + (n0 + j + 32) * ldw + k0), ldw, nr,
+                                      (kn + 63) / 64, 0};
             amx_gemm_i8(Ap + k0, K, Mp, kn, bt[0][0], w1 ? bt[1][0] : amx_zero, 1024,
-                        w1 ? 1024 : 0, 64, w0, w1, C + j, ldc, &mr, k0 > 0);
+                        w1 ? 1024 : 0, 64, w0, w1, C + j, ldc, &mr, k0 > 0, &pf);
         }
     }
     _tile_release();
@@ -467,7 +482,7 @@ AMX static void gemm_i8_amx(const int8_t *Ap, int64_t Mp, int64_t K, const int8_
         pack_i8(B, ldb, K, n0 + j, w, P, 0);
         int64_t w0 = w < 16 ? w : 16, w1 = w - w0;
         amx_gemm_i8(Ap, K, Mp, K, (const int8_t *)P, (const int8_t *)P + 64, 16 * 4 * NR,
-                    16 * 4 * NR, 4 * NR, w0, w1, C + j, ldc, &mr, 0);
+                    16 * 4 * NR, 4 * NR, w0, w1, C + j, ldc, &mr, 0, NULL);
     }
     _tile_release();
 }
