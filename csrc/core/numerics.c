@@ -33,6 +33,28 @@ static float dot_scalar(const float *a, const float *b, int64_t n)
 #if defined(__x86_64__)
 #include <immintrin.h>
 __attribute__((target("avx512f,avx512vl"))) static float reduce16(__m512 acc);
+
+/* Register blocks of named accumulators (arrays of __m512 end up on the stack). */
+#define DOT4X4_ROW(i, OP)                                                                  \
+    do {                                                                                   \
+        __m512 xv = _mm512_maskz_loadu_ps(m, X + (i) * ldx + k);                           \
+        a##i##0 = OP(xv, w0, a##i##0);                                                     \
+        a##i##1 = OP(xv, w1, a##i##1);                                                     \
+        a##i##2 = OP(xv, w2, a##i##2);                                                     \
+        a##i##3 = OP(xv, w3, a##i##3);                                                     \
+    } while (0)
+#define DOT4X4_OUT(i)                                                                      \
+    do {                                                                                   \
+        out[(i) * ldo] = reduce16(a##i##0);                                                \
+        out[(i) * ldo + 1] = reduce16(a##i##1);                                            \
+        out[(i) * ldo + 2] = reduce16(a##i##2);                                            \
+        out[(i) * ldo + 3] = reduce16(a##i##3);                                            \
+    } while (0)
+#define DOT4X4_DECL                                                                        \
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, \
+           a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00,     \
+           a31 = a00, a32 = a00, a33 = a00
+#define FMA_OP(x, w, a) _mm512_fmadd_ps(x, w, a)
 /* Lane l of the register is acc[l] above; the reduction is the same tree. */
 __attribute__((target("avx512f,avx512vl"))) static float dot_avx512(const float *a, const float *b,
                                                                     int64_t n)
@@ -86,38 +108,26 @@ __attribute__((target("avx512f,avx512vl"))) static void dot8_avx512(const float 
 
 #if defined(__x86_64__)
 /* 4 x-rows by 4 w-rows: each w chunk is loaded once for four tokens. */
+#define MULADD_OP(x, w, a) _mm512_add_ps(a, _mm512_mul_ps(x, w))
 __attribute__((target("avx512f,avx512vl"))) static void dot4x4_avx512(
     const float *X, int64_t ldx, const float *W, int64_t ldw, int64_t n, float *out, int64_t ldo)
 {
-    __m512 acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int r = 0; r < 4; r++)
-            acc[i][r] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + LANES <= n; k += LANES) {
-        __m512 w[4];
-        for (int r = 0; r < 4; r++)
-            w[r] = _mm512_loadu_ps(W + r * ldw + k);
-        for (int i = 0; i < 4; i++) {
-            __m512 xv = _mm512_loadu_ps(X + i * ldx + k);
-            for (int r = 0; r < 4; r++)
-                acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_mul_ps(xv, w[r]));
-        }
+    DOT4X4_DECL;
+    for (int64_t k = 0; k < n; k += LANES) {
+        /* the tail is zero-padded to a full vector, as in dot_scalar */
+        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+        __m512 w0 = _mm512_maskz_loadu_ps(m, W + k), w1 = _mm512_maskz_loadu_ps(m, W + ldw + k);
+        __m512 w2 = _mm512_maskz_loadu_ps(m, W + 2 * ldw + k);
+        __m512 w3 = _mm512_maskz_loadu_ps(m, W + 3 * ldw + k);
+        DOT4X4_ROW(0, MULADD_OP);
+        DOT4X4_ROW(1, MULADD_OP);
+        DOT4X4_ROW(2, MULADD_OP);
+        DOT4X4_ROW(3, MULADD_OP);
     }
-    if (k < n) {
-        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
-        __m512 w[4];
-        for (int r = 0; r < 4; r++)
-            w[r] = _mm512_maskz_loadu_ps(m, W + r * ldw + k);
-        for (int i = 0; i < 4; i++) {
-            __m512 xv = _mm512_maskz_loadu_ps(m, X + i * ldx + k);
-            for (int r = 0; r < 4; r++)
-                acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_mul_ps(xv, w[r]));
-        }
-    }
-    for (int i = 0; i < 4; i++)
-        for (int r = 0; r < 4; r++)
-            out[i * ldo + r] = reduce16(acc[i][r]);
+    DOT4X4_OUT(0);
+    DOT4X4_OUT(1);
+    DOT4X4_OUT(2);
+    DOT4X4_OUT(3);
 }
 #endif
 
@@ -321,52 +331,73 @@ __attribute__((target("avx512f,avx512vl,avx512bw"))) static inline __m512 load_w
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* 4 x-rows by 4 w-rows; w is fp32 rows (wf) or bf16 rows (wb) */
+/* 4 x-rows by 4 w-rows; w is fp32 rows (wf) or bf16 rows (wb). Named accumulators, so that
+ * they stay in registers. */
+
 __attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot4x4_fma_avx512(
     const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t ldw, int64_t n,
     float *out, int64_t ldo)
 {
-    __m512 acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int r = 0; r < 4; r++)
-            acc[i][r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < n; k += LANES) {
-        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
-        __m512 w[4];
-        for (int r = 0; r < 4; r++)
-            w[r] = load_w(wf ? wf + r * ldw : NULL, wb ? wb + r * ldw : NULL, k, m);
-        for (int i = 0; i < 4; i++) {
-            __m512 xv = _mm512_maskz_loadu_ps(m, X + i * ldx + k);
-            for (int r = 0; r < 4; r++)
-                acc[i][r] = _mm512_fmadd_ps(xv, w[r], acc[i][r]);
-        }
-    }
-    for (int i = 0; i < 4; i++)
-        for (int r = 0; r < 4; r++)
-            out[i * ldo + r] = reduce16(acc[i][r]);
-}
-/* 8 x-rows by 2 w-rows: the 8 x-rows stay in L1 while the w-rows stream past them */
-__attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot8x2_fma_avx512(
-    const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t ldw, int64_t n,
-    float *out, int64_t ldo)
-{
-    __m512 acc[8][2];
-    for (int i = 0; i < 8; i++)
-        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    DOT4X4_DECL;
     for (int64_t k = 0; k < n; k += LANES) {
         __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
         __m512 w0 = load_w(wf, wb, k, m);
         __m512 w1 = load_w(wf ? wf + ldw : NULL, wb ? wb + ldw : NULL, k, m);
-        for (int i = 0; i < 8; i++) {
-            __m512 xv = _mm512_maskz_loadu_ps(m, X + i * ldx + k);
-            acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
-        }
+        __m512 w2 = load_w(wf ? wf + 2 * ldw : NULL, wb ? wb + 2 * ldw : NULL, k, m);
+        __m512 w3 = load_w(wf ? wf + 3 * ldw : NULL, wb ? wb + 3 * ldw : NULL, k, m);
+        DOT4X4_ROW(0, FMA_OP);
+        DOT4X4_ROW(1, FMA_OP);
+        DOT4X4_ROW(2, FMA_OP);
+        DOT4X4_ROW(3, FMA_OP);
     }
-    for (int i = 0; i < 8; i++) {
-        out[i * ldo] = reduce16(acc[i][0]);
-        out[i * ldo + 1] = reduce16(acc[i][1]);
+    DOT4X4_OUT(0);
+    DOT4X4_OUT(1);
+    DOT4X4_OUT(2);
+    DOT4X4_OUT(3);
+}
+
+/* 8 x-rows by 2 w-rows: the 8 x-rows stay in L1 while the w-rows stream past them. The
+ * accumulators are named one by one so that they live in registers. */
+#define DOT8X2_ROW(i)                                                                      \
+    do {                                                                                   \
+        __m512 xv = _mm512_maskz_loadu_ps(m, X + (i) * ldx + k);                           \
+        a##i##0 = _mm512_fmadd_ps(xv, w0, a##i##0);                                        \
+        a##i##1 = _mm512_fmadd_ps(xv, w1, a##i##1);                                        \
+    } while (0)
+#define DOT8X2_OUT(i)                                                                      \
+    do {                                                                                   \
+        out[(i) * ldo] = reduce16(a##i##0);                                                \
+        out[(i) * ldo + 1] = reduce16(a##i##1);                                            \
+    } while (0)
+
+__attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot8x2_fma_avx512(
+    const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t ldw, int64_t n,
+    float *out, int64_t ldo)
+{
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+           a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00,
+           a61 = a00, a70 = a00, a71 = a00;
+    for (int64_t k = 0; k < n; k += LANES) {
+        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+        __m512 w0 = load_w(wf, wb, k, m);
+        __m512 w1 = load_w(wf ? wf + ldw : NULL, wb ? wb + ldw : NULL, k, m);
+        DOT8X2_ROW(0);
+        DOT8X2_ROW(1);
+        DOT8X2_ROW(2);
+        DOT8X2_ROW(3);
+        DOT8X2_ROW(4);
+        DOT8X2_ROW(5);
+        DOT8X2_ROW(6);
+        DOT8X2_ROW(7);
     }
+    DOT8X2_OUT(0);
+    DOT8X2_OUT(1);
+    DOT8X2_OUT(2);
+    DOT8X2_OUT(3);
+    DOT8X2_OUT(4);
+    DOT8X2_OUT(5);
+    DOT8X2_OUT(6);
+    DOT8X2_OUT(7);
 }
 
 /* 4 x-rows by one w-row: the remainder of the 4 x 4 blocks, same lane order */
