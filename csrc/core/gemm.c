@@ -335,7 +335,6 @@ AVX512 static void gemm_i8_nt_avx512(const int8_t *Ap, const int32_t *rowsum, in
  * Tiles 0-3 hold C (mr rows x 16 int32), 4-5 A (mr rows x 64 k), 6-7 B (16 k-quads x
  * 16 columns x 4 k). A is read in place; B is transposed to that k-quad layout. */
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
-#define AMX_KMAX 2048   /* k-slice whose B tiles a column pair builds at once (64 KB) */
 
 struct amx_cfg {
     uint8_t palette, start;
@@ -344,7 +343,6 @@ struct amx_cfg {
     uint8_t rows[16];
 };
 
-static const int8_t amx_zero[1024] __attribute__((aligned(64)));
 
 /* lines of the next operand to bring in while the tiles compute: rows of lpr lines, ld apart */
 struct amx_prefetch {
@@ -352,13 +350,14 @@ struct amx_prefetch {
     int64_t ld, rows, lpr, next;
 };
 
-AMX static void amx_rows(int mr)
+/* tiles 0-3 hold C and 4 .. 3 + na hold A, mr rows each; the rest B, 16 rows */
+AMX static void amx_rows(int mr, int na)
 {
     struct amx_cfg c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; t++) {
-        c.rows[t] = (uint8_t)(t < 6 ? mr : 16);
+        c.rows[t] = (uint8_t)(t < 4 + na ? mr : 16);
         c.colsb[t] = 64;
     }
     _tile_loadconfig(&c);
@@ -402,7 +401,7 @@ AMX static void amx_gemm_i8(const int8_t *Ap, int64_t lda, int64_t Mp, int64_t K
         int rows = rem >= 16 ? 16 : 8, two = rem >= 32;
         if (rows != *mr) {
             *mr = rows;
-            amx_rows(rows);
+            amx_rows(rows, 2);
         }
         if (acc) {
             AMX_LOAD(0, C, ldc, m, 0, w0, rows);
@@ -441,31 +440,78 @@ AMX static void amx_gemm_i8(const int8_t *Ap, int64_t lda, int64_t Mp, int64_t K
     }
 }
 
-/* W rows [n0, n0 + nc) of length K: the B tiles of a column pair are built once per call for
- * k-slices of AMX_KMAX; the int32 partial sums of a slice go through C, exactly. */
+/* W rows [n0, n0 + nc) of length K, four column tiles at a time. For each k-block of
+ * AMX_NT_KB the four B tiles per 64 k are built once (32 KB, kept in L1) and every m-tile of
+ * A meets them: A is read from L2 once per four products. The int32 sums of a k-block go
+ * through C, exactly. Tiles: 0-3 C, 4 A, 5-7 B (5 twice). */
+#define AMX_NT_KB 512
+
 AMX static void gemm_i8_nt_amx(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *W,
                                int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
 {
-    int8_t bt[2][AMX_KMAX / 64][1024] __attribute__((aligned(64)));
+    int8_t bt[4][AMX_NT_KB / 64][1024] __attribute__((aligned(64)));
     int mr = 0;
-    for (int64_t j = 0; j < nc; j += 32) {
-        int64_t w0 = nc - j < 16 ? nc - j : 16, w1 = nc - j - 16 < 0 ? 0 : nc - j - 16 < 16 ? nc - j - 16 : 16;
-        for (int64_t k0 = 0; k0 < K; k0 += AMX_KMAX) {
-            int64_t kn = K - k0 < AMX_KMAX ? K - k0 : AMX_KMAX;
-            for (int64_t k = 0; k < kn; k += 64) {
-                if (k + 256 < kn)               /* four chunks ahead: the rows stream in */
-                    for (int64_t r = 0; r < w0 + w1; r++)
-                        __builtin_prefetch(W + (n0 + j + r) * ldw + k0 + k + 256, 0, 3);
-                tr16_dw(W + (n0 + j) * ldw + k0 + k, ldw, w0, bt[0][k / 64], 64);
-                if (w1)
-                    tr16_dw(W + (n0 + j + 16) * ldw + k0 + k, ldw, w1, bt[1][k / 64], 64);
+    for (int64_t j = 0; j < nc; j += 64) {
+        int64_t w[4], nt = 0;
+        for (int t = 0; t < 4; t++) {
+            int64_t r = nc - j - 16 * t;
+            w[t] = r <= 0 ? 0 : r < 16 ? r : 16;
+            nt += w[t] > 0;
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += AMX_NT_KB) {
+            int64_t kn = K - k0 < AMX_NT_KB ? K - k0 : AMX_NT_KB;
+            for (int t = 0; t < nt; t++)
+                for (int64_t k = 0; k < kn; k += 64)
+                    tr16_dw(W + (n0 + j + 16 * t) * ldw + k0 + k, ldw, w[t], bt[t][k / 64], 64);
+            /* the next k-block (or the next column quad) streams in meanwhile */
+            int64_t pk = k0 + kn < K ? k0 + kn : 0, pj = k0 + kn < K ? j : j + 64;
+            int64_t prows = nc - pj < 0 ? 0 : nc - pj < 64 ? nc - pj : 64;
+            int64_t plen = K - pk < AMX_NT_KB ? K - pk : AMX_NT_KB;
+            struct amx_prefetch pf = {(const char *)(W + (n0 + pj) * ldw + pk), ldw, prows,
+                                      (plen + 63) / 64, 0};
+            const int64_t iters = (Mp + 15) / 16, per = (prows * pf.lpr + iters - 1) / iters;
+            for (int64_t m = 0; m < Mp;) {
+                int rows = Mp - m >= 16 ? 16 : 8;
+                if (rows != mr) {
+                    mr = rows;
+                    amx_rows(rows, 1);
+                }
+                if (k0) {
+                    AMX_LOAD(0, C, ldc, m, j, w[0], rows);
+                    if (nt > 1) AMX_LOAD(1, C, ldc, m, j + 16, w[1], rows);
+                    if (nt > 2) AMX_LOAD(2, C, ldc, m, j + 32, w[2], rows);
+                    if (nt > 3) AMX_LOAD(3, C, ldc, m, j + 48, w[3], rows);
+                } else {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                }
+                for (int64_t i = 0; i < per && pf.next < prows * pf.lpr; i++, pf.next++)
+                    __builtin_prefetch(pf.base + (pf.next / pf.lpr) * pf.ld + (pf.next % pf.lpr) * 64, 0, 2);
+                for (int64_t k = 0; k < kn; k += 64) {
+                    _tile_loadd(4, Ap + m * K + k0 + k, K);
+                    _tile_loadd(5, bt[0][k / 64], 64);
+                    _tile_dpbssd(0, 4, 5);
+                    if (nt > 1) {
+                        _tile_loadd(6, bt[1][k / 64], 64);
+                        _tile_dpbssd(1, 4, 6);
+                    }
+                    if (nt > 2) {
+                        _tile_loadd(7, bt[2][k / 64], 64);
+                        _tile_dpbssd(2, 4, 7);
+                    }
+                    if (nt > 3) {
+                        _tile_loadd(5, bt[3][k / 64], 64);
+                        _tile_dpbssd(3, 4, 5);
+                    }
+                }
+                AMX_STORE(0, C, ldc, m, j, w[0], rows);
+                if (nt > 1) AMX_STORE(1, C, ldc, m, j + 16, w[1], rows);
+                if (nt > 2) AMX_STORE(2, C, ldc, m, j + 32, w[2], rows);
+                if (nt > 3) AMX_STORE(3, C, ldc, m, j + 48, w[3], rows);
+                m += rows;
             }
-            /* the next column pair's rows of this k-slice */
-            int64_t nr = nc - j - 32 < 0 ? 0 : nc - j - 32 < 32 ? nc - j - 32 : 32;
-            struct amx_prefetch pf = {(const char *)(W + (n0 + j + 32) * ldw + k0), ldw, nr,
-                                      (kn + 63) / 64, 0};
-            amx_gemm_i8(Ap + k0, K, Mp, kn, bt[0][0], w1 ? bt[1][0] : amx_zero, 1024,
-                        w1 ? 1024 : 0, 64, w0, w1, C + j, ldc, &mr, k0 > 0, &pf);
         }
     }
     _tile_release();
