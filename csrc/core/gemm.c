@@ -584,7 +584,7 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
 
 #include <omp.h>
 
-#define XWT_ROWS 128
+#define XWT_ROWS 256
 #define XWT_KC 256
 
 size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int nth)
@@ -655,11 +655,16 @@ static void xwt_pack_tokens(const float *X, int64_t ldx, int64_t nc, int64_t K, 
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
               int64_t K, float *out, int64_t ldo, void *work, int nth)
 {
-    const int64_t units = (N + XWT_ROWS - 1) / XWT_ROWS;
+    /* rows per unit: at most XWT_ROWS, and few enough that every thread gets some; the
+     * partition does not change any sum */
+    const int64_t cap = T < DSV4_XWT_PANEL_MIN ? 64 : XWT_ROWS;
+    int64_t ur = dsv4_round_up((N + nth - 1) / nth, 8);
+    ur = ur < cap ? ur : cap;
+    const int64_t units = (N + ur - 1) / ur;
     if (T < DSV4_XWT_PANEL_MIN) {
         #pragma omp parallel for schedule(static) num_threads(nth)
         for (int64_t u = 0; u < units; u++) {
-            int64_t r0 = u * XWT_ROWS, nr = N - r0 < XWT_ROWS ? N - r0 : XWT_ROWS;
+            int64_t r0 = u * ur, nr = N - r0 < ur ? N - r0 : ur;
             dsv4_dot_fma_grid(X, ldx, T, NULL, W + r0 * ldw, ldw, nr, K, out + r0, ldo);
         }
         return;
@@ -685,7 +690,7 @@ void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t l
         float *wf = (float *)dsv4_align_up(thr + (size_t)ith * per, 64);
         float *ct = wf + XWT_ROWS * XWT_KC;
         for (int64_t u = ith; u < units; u += nt) {
-            int64_t r0 = u * XWT_ROWS, nr = N - r0 < XWT_ROWS ? N - r0 : XWT_ROWS;
+            int64_t r0 = u * ur, nr = N - r0 < ur ? N - r0 : ur;
             int64_t ng = (nr + 7) / 8;
             memset(ct, 0, (size_t)nb * ng * 8 * DSV4_PANEL * sizeof(float));
             memset(wf + nr * XWT_KC, 0, (size_t)(ng * 8 - nr) * XWT_KC * sizeof(float));
@@ -696,9 +701,9 @@ void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t l
                 /* the rows of the next k-block (or unit) come in while this one computes */
                 int64_t pr0 = r0, pk0 = k0 + XWT_KC, pnr = nr;
                 if (pk0 >= K) {
-                    pr0 = r0 + nt * XWT_ROWS;
+                    pr0 = r0 + nt * ur;
                     pk0 = 0;
-                    pnr = pr0 < N ? (N - pr0 < XWT_ROWS ? N - pr0 : XWT_ROWS) : 0;
+                    pnr = pr0 < N ? (N - pr0 < ur ? N - pr0 : ur) : 0;
                 }
                 const int64_t plen = (K - pk0 < XWT_KC ? K - pk0 : XWT_KC) * (int64_t)sizeof(bf16_t);
                 const int64_t lpr = (plen + 63) / 64, lines = pnr * lpr, calls = nb * ng;

@@ -364,11 +364,26 @@ __attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot4x4_fma_avx5
         a##i##0 = _mm512_fmadd_ps(xv, w0, a##i##0);                                        \
         a##i##1 = _mm512_fmadd_ps(xv, w1, a##i##1);                                        \
     } while (0)
-#define DOT8X2_OUT(i)                                                                      \
-    do {                                                                                   \
-        out[(i) * ldo] = reduce16(a##i##0);                                                \
-        out[(i) * ldo + 1] = reduce16(a##i##1);                                            \
-    } while (0)
+
+/* Stages of sixteen reduce16 trees at once. s1: lanes 0-7 = a[l] + a[l+8], 8-15 the same of
+ * b; s2: 128-bit groups (x.G0+x.G1, x.G2+x.G3, y.G0+y.G1, y.G2+y.G3); s3, s4: within each
+ * group, elements (l, l+2), then (l, l+1), of x then of y. */
+__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s1(__m512 a, __m512 b)
+{
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+}
+__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s2(__m512 x, __m512 y)
+{
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
+}
+__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s3(__m512 x, __m512 y)
+{
+    return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xee));
+}
+__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s4(__m512 x, __m512 y)
+{
+    return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xdd));
+}
 
 __attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot8x2_fma_avx512(
     const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t ldw, int64_t n,
@@ -390,14 +405,20 @@ __attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot8x2_fma_avx5
         DOT8X2_ROW(6);
         DOT8X2_ROW(7);
     }
-    DOT8X2_OUT(0);
-    DOT8X2_OUT(1);
-    DOT8X2_OUT(2);
-    DOT8X2_OUT(3);
-    DOT8X2_OUT(4);
-    DOT8X2_OUT(5);
-    DOT8X2_OUT(6);
-    DOT8X2_OUT(7);
+    /* the 16 reductions of reduce16 done side by side: the same pairs added in each stage
+     * (lanes l and l + 8, then + 4, + 2, + 1, lower lane first), four shuffle stages for all */
+    __m512 q0 = red_s2(red_s1(a00, a01), red_s1(a10, a11));
+    __m512 q1 = red_s2(red_s1(a20, a21), red_s1(a30, a31));
+    __m512 q2 = red_s2(red_s1(a40, a41), red_s1(a50, a51));
+    __m512 q3 = red_s2(red_s1(a60, a61), red_s1(a70, a71));
+    __m512 t = red_s4(red_s3(q0, q1), red_s3(q2, q3));   /* lane 4G + c: accumulator G + 4c */
+    const __m512i nat = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    float v[16] __attribute__((aligned(64)));
+    _mm512_store_ps(v, _mm512_permutexvar_ps(nat, t));  /* lane i: accumulator i = a(i/2)(i%2) */
+    for (int i = 0; i < 8; i++) {
+        out[i * ldo] = v[2 * i];
+        out[i * ldo + 1] = v[2 * i + 1];
+    }
 }
 
 /* 4 x-rows by one w-row: the remainder of the 4 x 4 blocks, same lane order */
