@@ -151,7 +151,9 @@ int dsv4_decode_compressor(void *p, struct dsv4_err *e)
                 scp[n] = r ? r + OD : NULL;
             }
         }
-        /* softmax pooling per column, batch form: sequential sums, true division */
+        /* softmax pooling per column, batch form: sequential sums, true division; the
+         * columns are independent, so they are shared between the threads */
+        #pragma omp parallel for schedule(static) num_threads(dsv4_num_threads()) if (n > 8)
         for (int64_t c = 0; c < HD; c++) {
             float m = -INFINITY, z = 0.0f, o = 0.0f;
             for (int64_t r = 0; r < n; r++) {
