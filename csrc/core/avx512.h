@@ -14,8 +14,8 @@ DSV4_AVX512 static inline __m512 dsv4_load_bf16x16(const uint16_t *p)
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-/* round to nearest even, NaN kept quiet: dsv4_f32_to_bf16 on 16 lanes */
-DSV4_AVX512 static inline void dsv4_store_bf16x16(uint16_t *p, __m512 v)
+/* dsv4_f32_to_bf16 on 16 lanes, the 16-bit results in the low halves of the lanes */
+DSV4_AVX512 static inline __m512i dsv4_bf16_bits16(__m512 v)
 {
     __m512i u = _mm512_castps_si512(v);
     __m512i hi = _mm512_srli_epi32(u, 16);
@@ -24,8 +24,19 @@ DSV4_AVX512 static inline void dsv4_store_bf16x16(uint16_t *p, __m512 v)
     r = _mm512_srli_epi32(r, 16);
     __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                             _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+}
+
+/* dsv4_round_bf16 on 16 lanes */
+DSV4_AVX512 static inline __m512 dsv4_round_bf16x16(__m512 v)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(dsv4_bf16_bits16(v), 16));
+}
+
+/* round to nearest even, NaN kept quiet: dsv4_f32_to_bf16 on 16 lanes */
+DSV4_AVX512 static inline void dsv4_store_bf16x16(uint16_t *p, __m512 v)
+{
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(dsv4_bf16_bits16(v)));
 }
 #endif
 #endif

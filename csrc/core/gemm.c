@@ -22,6 +22,24 @@
 
 #define NR 32
 
+/* A walk over the lines of `rows` rows (lpr lines each, ld bytes apart) that prefetches a
+ * few lines per step into L2, so that the next operand arrives while this one computes. */
+struct pf_cursor {
+    const char *base;
+    int64_t ld, rows, lpr, row, line;
+};
+
+static inline void pf_step(struct pf_cursor *c, int64_t n)
+{
+    for (; n > 0 && c->row < c->rows; n--) {
+        __builtin_prefetch(c->base + c->row * c->ld + c->line * 64, 0, 2);
+        if (++c->line == c->lpr) {
+            c->line = 0;
+            c->row++;
+        }
+    }
+}
+
 #if defined(__x86_64__)
 /* Transpose 16 x 16 dwords: out row q (stride ldo bytes) = column q of the 16 rows of in
  * (stride ldi bytes); rows n >= nrows read as zero. */
@@ -344,11 +362,6 @@ struct amx_cfg {
 };
 
 
-/* lines of the next operand to bring in while the tiles compute: rows of lpr lines, ld apart */
-struct amx_prefetch {
-    const char *base;
-    int64_t ld, rows, lpr, next;
-};
 
 /* tiles 0-3 hold C and 4 .. 3 + na hold A, mr rows each; the rest B, 16 rows */
 AMX static void amx_rows(int mr, int na)
@@ -394,7 +407,7 @@ AMX static void amx_rows(int mr, int na)
 AMX static void amx_gemm_i8(const int8_t *Ap, int64_t lda, int64_t Mp, int64_t K,
                             const int8_t *b0, const int8_t *b1, int64_t cs0, int64_t cs1,
                             int64_t brow, int64_t w0, int64_t w1, int32_t *C, int64_t ldc, int *mr,
-                            int acc, struct amx_prefetch *pf)
+                            int acc)
 {
     for (int64_t m = 0; m < Mp;) {
         int64_t rem = Mp - m;
@@ -417,8 +430,6 @@ AMX static void amx_gemm_i8(const int8_t *Ap, int64_t lda, int64_t Mp, int64_t K
             _tile_zero(3);
         }
         for (int64_t k = 0; k < K; k += 64) {
-            for (int i = 0; pf && i < 8 && pf->next < pf->rows * pf->lpr; i++, pf->next++)
-                __builtin_prefetch(pf->base + (pf->next / pf->lpr) * pf->ld + (pf->next % pf->lpr) * 64, 0, 2);
             _tile_loadd(4, Ap + m * lda + k, lda);
             _tile_loadd(6, b0 + (k / 64) * cs0, brow);
             _tile_loadd(7, b1 + (k / 64) * cs1, brow);
@@ -467,8 +478,16 @@ AMX static void gemm_i8_nt_amx(const int8_t *Ap, int64_t Mp, int64_t K, const in
             int64_t pk = k0 + kn < K ? k0 + kn : 0, pj = k0 + kn < K ? j : j + 64;
             int64_t prows = nc - pj < 0 ? 0 : nc - pj < 64 ? nc - pj : 64;
             int64_t plen = K - pk < AMX_NT_KB ? K - pk : AMX_NT_KB;
-            struct amx_prefetch pf = {(const char *)(W + (n0 + pj) * ldw + pk), ldw, prows,
-                                      (plen + 63) / 64, 0};
+            if (!prows && ldw >= 2 * K) {
+                /* the last block: when the rows are wider than K the caller is likely to
+                 * read their next K columns next (a grouped projection); bring in their start */
+                pj = 0;
+                pk = K;
+                prows = nc;
+                plen = K < AMX_NT_KB ? K : AMX_NT_KB;
+            }
+            struct pf_cursor pf = {(const char *)(W + (n0 + pj) * ldw + pk), ldw, prows,
+                                   (plen + 63) / 64, 0, 0};
             const int64_t iters = (Mp + 15) / 16, per = (prows * pf.lpr + iters - 1) / iters;
             for (int64_t m = 0; m < Mp;) {
                 int rows = Mp - m >= 16 ? 16 : 8;
@@ -487,8 +506,7 @@ AMX static void gemm_i8_nt_amx(const int8_t *Ap, int64_t Mp, int64_t K, const in
                     _tile_zero(2);
                     _tile_zero(3);
                 }
-                for (int64_t i = 0; i < per && pf.next < prows * pf.lpr; i++, pf.next++)
-                    __builtin_prefetch(pf.base + (pf.next / pf.lpr) * pf.ld + (pf.next % pf.lpr) * 64, 0, 2);
+                pf_step(&pf, per);
                 for (int64_t k = 0; k < kn; k += 64) {
                     _tile_loadd(4, Ap + m * K + k0 + k, K);
                     _tile_loadd(5, bt[0][k / 64], 64);
@@ -528,7 +546,7 @@ AMX static void gemm_i8_amx(const int8_t *Ap, int64_t Mp, int64_t K, const int8_
         pack_i8(B, ldb, K, n0 + j, w, P, 0);
         int64_t w0 = w < 16 ? w : 16, w1 = w - w0;
         amx_gemm_i8(Ap, K, Mp, K, (const int8_t *)P, (const int8_t *)P + 64, 16 * 4 * NR,
-                    16 * 4 * NR, 4 * NR, w0, w1, C + j, ldc, &mr, 0, NULL);
+                    16 * 4 * NR, 4 * NR, w0, w1, C + j, ldc, &mr, 0);
     }
     _tile_release();
 }
@@ -706,15 +724,13 @@ void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t l
                     pnr = pr0 < N ? (N - pr0 < ur ? N - pr0 : ur) : 0;
                 }
                 const int64_t plen = (K - pk0 < XWT_KC ? K - pk0 : XWT_KC) * (int64_t)sizeof(bf16_t);
-                const int64_t lpr = (plen + 63) / 64, lines = pnr * lpr, calls = nb * ng;
-                const int64_t step = (lines + calls - 1) / calls;
-                int64_t pf = 0;
+                struct pf_cursor pf = {(const char *)(W + pr0 * ldw + pk0), ldw * (int64_t)sizeof(bf16_t),
+                                       pnr, (plen + 63) / 64, 0, 0};
+                const int64_t calls = nb * ng, step = (pnr * pf.lpr + calls - 1) / calls;
                 for (int64_t b = 0; b < nb; b++) {
                     const float *P = panels + ((size_t)b * K + k0) * DSV4_PANEL;
                     for (int64_t g = 0; g < ng; g++) {
-                        for (int64_t i = 0; i < step && pf < lines; i++, pf++)
-                            __builtin_prefetch((const char *)(W + (pr0 + pf / lpr) * ldw + pk0) +
-                                               (pf % lpr) * 64, 0, 2);
+                        pf_step(&pf, step);
                         micro(wf + g * 8 * XWT_KC, XWT_KC, P, kn, ct + (b * ng + g) * 8 * DSV4_PANEL);
                     }
                 }

@@ -13,6 +13,7 @@
 #include <omp.h>
 #include <stdio.h>
 
+#include "core/avx512.h"
 #include "core/gemm.h"
 #include "kernels/kernels.h"
 
@@ -308,12 +309,97 @@ static int64_t token_tiles(const struct dsv4_sparse_attn_args *a, int64_t t, str
     return nt;
 }
 
+/* acc = acc * alpha + o * beta (two products, then the sum), over n values */
+static void merge_scalar(float *acc, const float *o, int64_t n, float alpha, float beta)
+{
+    for (int64_t d = 0; d < n; d++)
+        acc[d] = acc[d] * alpha + o[d] * beta;
+}
+
+/* o /= denom over n values; out[0:nb] = the bf16 values of o[0:nb] */
+static void normalise_scalar(float *o, int64_t n, float denom, float *out, int64_t nb)
+{
+    for (int64_t d = 0; d < n; d++)
+        o[d] = o[d] / denom;
+    for (int64_t d = 0; d < nb; d++)
+        out[d] = dsv4_round_bf16(o[d]);
+}
+
+#if defined(__x86_64__)
+DSV4_AVX512 static void merge_avx512(float *acc, const float *o, int64_t n, float alpha, float beta)
+{
+    const __m512 a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta);
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(acc + d), a),
+                                                _mm512_mul_ps(_mm512_loadu_ps(o + d), b)));
+    merge_scalar(acc + d, o + d, n - d, alpha, beta);
+}
+
+DSV4_AVX512 static void normalise_avx512(float *o, int64_t n, float denom, float *out, int64_t nb)
+{
+    const __m512 dv = _mm512_set1_ps(denom);
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        _mm512_storeu_ps(o + d, _mm512_div_ps(_mm512_loadu_ps(o + d), dv));
+    for (; d < n; d++)
+        o[d] = o[d] / denom;
+    for (d = 0; d + 16 <= nb; d += 16)
+        _mm512_storeu_ps(out + d, dsv4_round_bf16x16(_mm512_loadu_ps(o + d)));
+    for (; d < nb; d++)
+        out[d] = dsv4_round_bf16(o[d]);
+}
+#endif
+
+/* acc += (float)p * scale, the product rounded, then the sum */
+static void dequant_add_scalar(float *acc, const int32_t *p, int64_t n, float scale)
+{
+    for (int64_t c = 0; c < n; c++)
+        acc[c] = acc[c] + (float)p[c] * scale;
+}
+
+/* y = bf16(acc * w) */
+static void scale_store_scalar(const float *acc, const float *w, int64_t n, bf16_t *y)
+{
+    for (int64_t c = 0; c < n; c++)
+        y[c] = dsv4_f32_to_bf16(acc[c] * w[c]);
+}
+
+#if defined(__x86_64__)
+DSV4_AVX512 static void dequant_add_avx512(float *acc, const int32_t *p, int64_t n, float scale)
+{
+    const __m512 sv = _mm512_set1_ps(scale);
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+        __m512 pf = _mm512_cvtepi32_ps(_mm512_loadu_si512(p + c));
+        _mm512_storeu_ps(acc + c, _mm512_add_ps(_mm512_loadu_ps(acc + c), _mm512_mul_ps(pf, sv)));
+    }
+    dequant_add_scalar(acc + c, p + c, n - c, scale);
+}
+
+DSV4_AVX512 static void scale_store_avx512(const float *acc, const float *w, int64_t n, bf16_t *y)
+{
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16)
+        dsv4_store_bf16x16(y + c, _mm512_mul_ps(_mm512_loadu_ps(acc + c), _mm512_loadu_ps(w + c)));
+    scale_store_scalar(acc + c, w + c, n - c, y + c);
+}
+#endif
+
 /* O[t] of §2.2-2.4 for one token, then the inverse RoPE of §2.5, into ob (bf16 values). */
 static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struct attn_thread *th,
                          float *ob)
 {
     const int64_t H = a->H, HD = a->HD, R = a->qk_rope_head_dim, N = HD - R;
     const float scale = (float)pow((double)HD, -0.5);
+    void (*merge)(float *, const float *, int64_t, float, float) = merge_scalar;
+    void (*normalise)(float *, int64_t, float, float *, int64_t) = normalise_scalar;
+#if defined(__x86_64__)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
+        merge = merge_avx512;
+        normalise = normalise_avx512;
+    }
+#endif
     int64_t ntile = token_tiles(a, t, th);
     if (!ntile) {
         memset(ob, 0, (size_t)H * HD * sizeof(float));
@@ -354,9 +440,7 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
             float mn = m[h] > mx ? m[h] : mx;
             float alpha = exp32(m[h] - mn), beta = exp32(mx - mn);
             l[h] = alpha * l[h] + beta * sum;
-            float *acc = th->o + h * HD;
-            for (int64_t d = 0; d < HD; d++)
-                acc[d] = acc[d] * alpha + oh[d] * beta;
+            merge(th->o + h * HD, oh, HD, alpha, beta);
             m[h] = mn;
         }
     }
@@ -366,10 +450,7 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
     for (int64_t h = 0; h < H; h++) {
         float denom = l[h] + exp32(a->attn_sink[h] - m[h]);    /* the sink: a logit without a value */
         float *oh = th->o + h * HD, *out = ob + h * HD;
-        for (int64_t d = 0; d < HD; d++)
-            oh[d] = oh[d] / denom;
-        for (int64_t d = 0; d < N; d++)
-            out[d] = dsv4_round_bf16(oh[d]);
+        normalise(oh, HD, denom, out, N);
         bf16_t rot[512];
         dsv4_rope_bf16(oh + N, cosr, sinr, R, 1, rot);
         dsv4_bf16_row_to_f32(rot, R, out + N);
@@ -416,6 +497,14 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
         #pragma omp barrier
 
         /* second projection: exact int32 per group, dequantised and summed in group order */
+        void (*dequant_add)(float *, const int32_t *, int64_t, float) = dequant_add_scalar;
+        void (*scale_store)(const float *, const float *, int64_t, bf16_t *) = scale_store_scalar;
+#if defined(__x86_64__)
+        if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
+            dequant_add = dequant_add_avx512;
+            scale_store = scale_store_avx512;
+        }
+#endif
         int32_t *pb = s.pbuf + (size_t)ith * Tp * COLS;
         float *acc = s.acc + (size_t)ith * Tp * COLS;
         const int64_t un = (D + COLS - 1) / COLS;
@@ -427,13 +516,10 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
                 dsv4_gemm_i8_nt(s.q8 + g * Tp * lda, s.q8sum + g * Tp, Tp, OL, a->wo_b + g * OL,
                                 a->GOL, n0, nc, pb, COLS);
                 for (int64_t t = 0; t < T; t++)
-                    for (int64_t c = 0; c < nc; c++)
-                        acc[t * COLS + c] = acc[t * COLS + c] + (float)pb[t * COLS + c] * s.sdq[t * G + g];
+                    dequant_add(acc + t * COLS, pb + t * COLS, nc, s.sdq[t * G + g]);
             }
             for (int64_t t = 0; t < T; t++)
-                for (int64_t c = 0; c < nc; c++)
-                    a->attn_out[t * D + n0 + c] =
-                        dsv4_f32_to_bf16(acc[t * COLS + c] * a->wo_b_scale[n0 + c]);
+                scale_store(acc + t * COLS, a->wo_b_scale + n0, nc, a->attn_out + t * D + n0);
         }
     }
     return DSV4_OK;
