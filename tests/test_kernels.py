@@ -116,17 +116,20 @@ def need(name):
         pytest.skip(f"this CPU has no {name}")
 
 
-@pytest.mark.parametrize("simd", SIMD)
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_same_bits_scalar_and_simd(kernel, simd, isa):
+def assert_simd_matches_scalar(kernel, inputs, simd, isa):
     need(simd)
-    inputs = small_inputs(kernel)
     isa("scalar")
     ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
     isa(simd)
     out = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
     for name in ref:
         assert same_bits(ref[name], out[name]), name
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_same_bits_scalar_and_simd(kernel, simd, isa):
+    assert_simd_matches_scalar(kernel, small_inputs(kernel), simd, isa)
 
 
 # 16 tokens or more, with the deployment's K, is where the int8 GEMMs run on AMX tiles
@@ -143,14 +146,7 @@ TILED = {"prefill_sparse_attn": dict(T=16, compress_ratio=4),
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("kernel", TILED)
 def test_same_bits_scalar_and_simd_at_tile_sizes(kernel, simd, isa):
-    need(simd)
-    inputs = getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3)
-    isa("scalar")
-    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
-    isa(simd)
-    out = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
-    for name in ref:
-        assert same_bits(ref[name], out[name]), name
+    assert_simd_matches_scalar(kernel, getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3), simd, isa)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
