@@ -132,8 +132,12 @@ def test_same_bits_scalar_and_simd(kernel, simd, isa):
     assert_simd_matches_scalar(kernel, small_inputs(kernel), simd, isa)
 
 
-# 16 tokens or more, with the deployment's K, is where the int8 GEMMs run on AMX tiles
-TILED = {"prefill_sparse_attn": dict(T=16, compress_ratio=4),
+# 16 tokens or more, with the deployment's K, is where the int8 GEMMs run on AMX tiles; 8
+# requests or more, where the small-T projections take their 8-row register blocks
+TILED = {"decode_compressor_ratio4": dict(B=8, S=1),
+         "decode_compressor_ratio128": dict(B=8, S=1),
+         "decode_indexer_compressor": dict(B=8, S=1),
+         "prefill_sparse_attn": dict(T=16, compress_ratio=4),
          "expert_shared": dict(T=16),
          "expert_routed": dict(T=16, n_local_experts=2),
          "moe": dict(T=16, n_ranks=2, layer_id=10, n_local_experts=4),
