@@ -505,6 +505,8 @@ static const struct arg_spec f32_bf16_args[] = {
     {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_BF16, "N", OUT, 0, CAST(y)}, {0}};
 static const struct arg_spec f32_fp8_args[] = {
     {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_FP8, "N", OUT, 0, CAST(y)}, {0}};
+static const struct arg_spec f32_f32_args[] = {
+    {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_F32, "N", OUT, 0, CAST(y)}, {0}};
 static const struct arg_spec fp8_f32_args[] = {
     {"x", DSV4_FP8, "N", IN, 0, CAST(x)}, {"y", DSV4_F32, "N", OUT, 0, CAST(y)}, {0}};
 
@@ -680,6 +682,8 @@ static const struct kernel_spec kernels[] = {
         1, DSV4_CAST_FP8, dsv4_cast_args, f32_fp8_args, no_scalars, cast_dims, dsv4_cast),
     ROW("fp8_to_f32", "float8_e4m3fn -> fp32 (exact).",
         1, DSV4_CAST_FP8_F32, dsv4_cast_args, fp8_f32_args, no_scalars, cast_dims, dsv4_cast),
+    ROW("exp_f32", "e^x rounded to fp32 (computed in double), as the attention softmax uses it.",
+        1, DSV4_CAST_EXP, dsv4_cast_args, f32_f32_args, no_scalars, cast_dims, dsv4_cast),
     ROW("quant_int8", "Per-row int8 quantisation: y = rint(x * (1/amax) * 127), scale = 1/sq.",
         1, 0, dsv4_quant_int8_args, qi8_args, no_scalars, qi8_dims, dsv4_quant_int8),
     ROW("matmul_bf16", "c = a @ b, bf16 inputs, fp32 accumulation in k order.",

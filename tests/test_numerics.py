@@ -588,6 +588,40 @@ def test_isa_quant_int8_identical(need_avx512):
     assert (q[0, [3, 40, 332]] == 0).all() and (q[1] == 0).all() and (q[3] == 0).all()
 
 
+def exp_inputs():
+    rng = np.random.default_rng(14)
+    # every range the softmax meets: scores minus their max (<= 0), merge factors, the sink
+    # term (either sign), down to the fp32 subnormals and past overflow
+    x = np.concatenate([rng.uniform(-110, 90, 400_000), rng.uniform(-1, 1, 100_000),
+                        -np.exp2(rng.uniform(-30, 7, 100_000))]).astype(np.float32)
+    specials = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 88.72283, 88.72284, -87.33655,
+                         -103.97208, -103.97209, 1e-30, -1e-30, 3e38, -3e38], np.float32)
+    # the specials sit in the vector body and in the scalar tail
+    return np.concatenate([specials, x, specials[:7]])
+
+
+def test_exp_f32_rounds_the_true_value(each_isa):
+    x = exp_inputs()
+    y = _C.exp_f32(x=x)["y"]
+    with np.errstate(over="ignore"):
+        ref = np.exp(x.astype(np.float64)).astype(np.float32)
+    fin = np.isfinite(ref) & (ref != 0)
+    ulps = np.abs(y[fin].view(np.int32).astype(np.int64) - ref[fin].view(np.int32))
+    assert ulps.max() <= 1
+    assert (ulps != 0).mean() < 1e-5         # a miss needs the value within ~1e-14 of a tie
+    np.testing.assert_array_equal(y[~fin & ~np.isnan(x)], ref[~fin & ~np.isnan(x)])
+    assert np.isnan(y[np.isnan(x)]).all()
+    assert y[0] == 1.0 and y[1] == 1.0 and y[3] == np.inf and y[4] == 0.0
+    assert y[5] < np.inf and y[6] == np.inf and y[12] == np.inf and y[13] == 0.0
+    np.testing.assert_array_equal(y[-7:], y[:7])
+
+
+def test_isa_exp_identical(need_avx512):
+    x = exp_inputs()
+    s, v = under_both(lambda: _C.exp_f32(x=x)["y"])
+    np.testing.assert_array_equal(s.view(np.uint32), v.view(np.uint32))
+
+
 def test_isa_qkv_proj_rope_identical(need_avx512):
     import dataclasses
     cfg = dataclasses.replace(dsv4.FLASH, hidden_size=256, q_lora_rank=64, num_attention_heads=4,

@@ -6,6 +6,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "core/dsv4.h"
+
 #define DSV4_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 DSV4_AVX512 static inline __m512 dsv4_load_bf16x16(const uint16_t *p)
@@ -37,6 +39,32 @@ DSV4_AVX512 static inline __m512 dsv4_round_bf16x16(__m512 v)
 DSV4_AVX512 static inline void dsv4_store_bf16x16(uint16_t *p, __m512 v)
 {
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(dsv4_bf16_bits16(v)));
+}
+
+/* dsv4_exp_f32 on 8 doubles holding fp32 values, before the final rounding */
+DSV4_AVX512 static inline __m512d dsv4_exp_pd8(__m512d z)
+{
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(z, _mm512_set1_pd(DSV4_EXP_LOG2E)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d nn = _mm512_sub_pd(_mm512_setzero_pd(), n);
+    __m512d r = _mm512_fmadd_pd(nn, _mm512_set1_pd(DSV4_EXP_LN2_HI), z);
+    r = _mm512_fmadd_pd(nn, _mm512_set1_pd(DSV4_EXP_LN2_LO), r);
+    __m512d p = _mm512_set1_pd(dsv4_exp_poly[0]);
+    for (int i = 1; i < 12; i++)
+        p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(dsv4_exp_poly[i]));
+    return _mm512_scalef_pd(p, n);
+}
+
+/* dsv4_exp_f32 on 16 lanes, bit for bit */
+DSV4_AVX512 static inline __m512 dsv4_exp_f32x16(__m512 x)
+{
+    __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-120.0f)), _mm512_set1_ps(100.0f));
+    __m256 lo = _mm512_cvtpd_ps(dsv4_exp_pd8(_mm512_cvtps_pd(_mm512_castps512_ps256(c))));
+    __m256 hi = _mm512_cvtpd_ps(dsv4_exp_pd8(
+        _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_shuffle_f32x4(c, c, 0xee)))));
+    __m512 e = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                                                   _mm256_castps_pd(hi), 1));
+    return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
 }
 #endif
 #endif

@@ -48,6 +48,16 @@ static inline bf16_t dsv4_f32_to_bf16_haz(float f)
 /* Round an fp32 value to bf16 and back: the golden's `.to(bf16).float()`. */
 static inline float dsv4_round_bf16(float f) { return dsv4_bf16_to_f32(dsv4_f32_to_bf16(f)); }
 
+/* e^x rounded to fp32, computed in double: x clamped to [-120, 100] (beyond, fp32 gives 0
+ * or inf anyway), n = rint(x / ln 2), r = x - n ln 2 in two fused steps, Horner on the
+ * degree-11 Taylor polynomial in fused steps, times 2^n (exact), one rounding. NaN stays NaN.
+ * The AVX-512 form (avx512.h) takes the same steps, so it gives the same bits. */
+float dsv4_exp_f32(float x);
+extern const double dsv4_exp_poly[12];     /* 1/11!, 1/10!, ..., 1/1!, 1 */
+#define DSV4_EXP_LOG2E 0x1.71547652b82fep+0
+#define DSV4_EXP_LN2_HI 0x1.62e42fefa3800p-1
+#define DSV4_EXP_LN2_LO 0x1.ef35793c7673p-45
+
 uint8_t dsv4_f32_to_fp8(float f);     /* e4m3fn, RNE, out of range -> NaN */
 float dsv4_fp8_to_f32(uint8_t c);
 
@@ -67,8 +77,10 @@ void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
 void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, const bf16_t *Wb,
                        int64_t ldw, int64_t M, int64_t n, float *out, int64_t ldo);
 
-/* O[h, :] = sum_i P[h, i] * V[i, :] over i ascending, fused steps (exact for bf16 values). */
-void dsv4_pv(const float *P, int64_t ldp, int64_t H, const float *V, int64_t n, int64_t HD, float *O);
+/* O[h, :] = sum_i P[h * ldh + i * ldi] * V[i, :] over i ascending, fused steps (exact for
+ * bf16 values). */
+void dsv4_pv(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n,
+             int64_t HD, float *O);
 
 /* 1/sqrt(mean(v^2) + eps), the torch.rsqrt form: sqrt and division each round once. */
 float dsv4_rms_inv(const float *v, int64_t n, float eps);

@@ -273,6 +273,25 @@ void dsv4_bf16_row_to_f32(const bf16_t *x, int64_t n, float *y)
         y[k] = dsv4_bf16_to_f32(x[k]);
 }
 
+const double dsv4_exp_poly[12] = {
+    1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720,
+    1.0 / 120,      1.0 / 24,      1.0 / 6,      1.0 / 2,     1.0,        1.0,
+};
+
+float dsv4_exp_f32(float x)
+{
+    if (x != x)
+        return x;
+    double z = x < -120.0f ? -120.0f : x > 100.0f ? 100.0f : x;
+    double n = nearbyint(z * DSV4_EXP_LOG2E);
+    double r = fma(-n, DSV4_EXP_LN2_HI, z);
+    r = fma(-n, DSV4_EXP_LN2_LO, r);
+    double p = dsv4_exp_poly[0];
+    for (int i = 1; i < 12; i++)
+        p = fma(p, r, dsv4_exp_poly[i]);
+    return (float)ldexp(p, (int)n);
+}
+
 /* float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities,
  * S.1111.111 is NaN, 448 the largest finite value. */
 uint8_t dsv4_f32_to_fp8(float f)
@@ -464,6 +483,14 @@ void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
                 dot4x1_fma_avx512(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
                                   Wb ? Wb + m * ldw : NULL, n, out + i0 * ldo + m, ldo);
         }
+        /* the last X rows against four fp32 W rows at a time, the roles swapped */
+        for (; W && i0 < NX; i0++) {
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4)
+                dot4x1_fma_avx512(W + m * ldw, ldw, X + i0 * ldx, NULL, n, out + i0 * ldo + m, 1);
+            for (; m < M; m++)
+                out[i0 * ldo + m] = dot_fma_scalar(X + i0 * ldx, W + m * ldw, NULL, n);
+        }
     }
 #endif
     for (int64_t i = i0; i < NX; i++)
@@ -474,21 +501,22 @@ void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
 
 /* O[h, d] = sum over i ascending of P[h, i] * V[i, d], fused steps (exact products for
  * bf16-valued operands). One accumulation chain per output element, in i order. */
-static void pv_scalar(const float *P, int64_t ldp, int64_t H, const float *V, int64_t n,
-                      int64_t HD, float *O)
+static void pv_scalar(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V,
+                      int64_t n, int64_t HD, float *O)
 {
     for (int64_t h = 0; h < H; h++)
         for (int64_t d = 0; d < HD; d++) {
             float acc = 0.0f;
             for (int64_t i = 0; i < n; i++)
-                acc = fmaf(P[h * ldp + i], V[i * HD + d], acc);
+                acc = fmaf(P[h * ldh + i * ldi], V[i * HD + d], acc);
             O[h * HD + d] = acc;
         }
 }
 
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
-    const float *P, int64_t ldp, int64_t H, const float *V, int64_t n, int64_t HD, float *O)
+    const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n, int64_t HD,
+    float *O)
 {
     int64_t d0 = 0;
     /* four heads share each row of V: 16 chains in flight and a quarter of the V loads */
@@ -499,13 +527,13 @@ __attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
             for (int r = 0; r < 4; r++)
                 for (int c = 0; c < 4; c++)
                     acc[r][c] = _mm512_setzero_ps();
-            const float *p = P + h * ldp;
+            const float *p = P + h * ldh;
             for (int64_t i = 0; i < n; i++) {
                 const float *v = V + i * HD + d0;
                 __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
                 __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
                 for (int r = 0; r < 4; r++) {
-                    __m512 pi = _mm512_set1_ps(p[r * ldp + i]);
+                    __m512 pi = _mm512_set1_ps(p[r * ldh + i * ldi]);
                     acc[r][0] = _mm512_fmadd_ps(pi, v0, acc[r][0]);
                     acc[r][1] = _mm512_fmadd_ps(pi, v1, acc[r][1]);
                     acc[r][2] = _mm512_fmadd_ps(pi, v2, acc[r][2]);
@@ -518,9 +546,9 @@ __attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
         }
         for (; h < H; h++) {
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *p = P + h * ldp;
+            const float *p = P + h * ldh;
             for (int64_t i = 0; i < n; i++) {
-                __m512 pi = _mm512_set1_ps(p[i]);
+                __m512 pi = _mm512_set1_ps(p[i * ldi]);
                 const float *v = V + i * HD + d0;
                 a0 = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v), a0);
                 a1 = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 16), a1);
@@ -539,19 +567,20 @@ __attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
             for (int64_t d = d0; d < HD; d++) {
                 float acc = 0.0f;
                 for (int64_t i = 0; i < n; i++)
-                    acc = fmaf(P[h * ldp + i], V[i * HD + d], acc);
+                    acc = fmaf(P[h * ldh + i * ldi], V[i * HD + d], acc);
                 O[h * HD + d] = acc;
             }
 }
 #endif
 
-void dsv4_pv(const float *P, int64_t ldp, int64_t H, const float *V, int64_t n, int64_t HD, float *O)
+void dsv4_pv(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n,
+             int64_t HD, float *O)
 {
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
-        pv_avx512(P, ldp, H, V, n, HD, O);
+        pv_avx512(P, ldh, ldi, H, V, n, HD, O);
         return;
     }
 #endif
-    pv_scalar(P, ldp, H, V, n, HD, O);
+    pv_scalar(P, ldh, ldi, H, V, n, HD, O);
 }

@@ -20,8 +20,6 @@
 #define TILE 128
 #define COLS 64
 
-static float exp32(float z) { return (float)exp((double)z); }
-
 int dsv4_resolve_num_tokens(int64_t *num_tokens, int64_t T, struct dsv4_err *e)
 {
     if (*num_tokens == INT64_MAX)
@@ -309,6 +307,50 @@ static int64_t token_tiles(const struct dsv4_sparse_attn_args *a, int64_t t, str
     return nt;
 }
 
+/* Tile statistics (§2.2) of scores s[i * H + h], rows i < n: scaled in place, per head the
+ * running max m and the fp32 sum l of e^(s - m) in row order; s becomes the bf16 values of
+ * those probabilities (PV uses them, l the fp32 ones). */
+static void softmax_scalar(float *s, int64_t n, int64_t H, float scale, float *m, float *l)
+{
+    for (int64_t h = 0; h < H; h++) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            s[i * H + h] = s[i * H + h] * scale;
+            mx = s[i * H + h] > mx ? s[i * H + h] : mx;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            float ex = dsv4_exp_f32(s[i * H + h] - mx);
+            sum = sum + ex;
+            s[i * H + h] = dsv4_round_bf16(ex);
+        }
+        m[h] = mx;
+        l[h] = sum;
+    }
+}
+
+#if defined(__x86_64__)
+DSV4_AVX512 static void softmax_avx512(float *s, int64_t n, int64_t H, float scale, float *m, float *l)
+{
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t h = 0; h < H; h += 16) {
+        const __mmask16 k = H - h >= 16 ? 0xffff : (__mmask16)((1u << (H - h)) - 1);
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i++) {
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i * H + h), sc);
+            _mm512_mask_storeu_ps(s + i * H + h, k, v);
+            mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(v, mx, _CMP_GT_OQ), v);
+        }
+        for (int64_t i = 0; i < n; i++) {
+            __m512 ex = dsv4_exp_f32x16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i * H + h), mx));
+            sum = _mm512_add_ps(sum, ex);
+            _mm512_mask_storeu_ps(s + i * H + h, k, dsv4_round_bf16x16(ex));
+        }
+        _mm512_mask_storeu_ps(m + h, k, mx);
+        _mm512_mask_storeu_ps(l + h, k, sum);
+    }
+}
+#endif
+
 /* acc = acc * alpha + o * beta (two products, then the sum), over n values */
 static void merge_scalar(float *acc, const float *o, int64_t n, float alpha, float beta)
 {
@@ -393,11 +435,13 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
     const int64_t H = a->H, HD = a->HD, R = a->qk_rope_head_dim, N = HD - R;
     const float scale = (float)pow((double)HD, -0.5);
     void (*merge)(float *, const float *, int64_t, float, float) = merge_scalar;
+    void (*tile_softmax)(float *, int64_t, int64_t, float, float *, float *) = softmax_scalar;
     void (*normalise)(float *, int64_t, float, float *, int64_t) = normalise_scalar;
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         merge = merge_avx512;
         normalise = normalise_avx512;
+        tile_softmax = softmax_avx512;
     }
 #endif
     int64_t ntile = token_tiles(a, t, th);
@@ -411,23 +455,11 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
         int64_t n = th->tile_end[j] - start;
         for (int64_t i = 0; i < n; i++)
             dsv4_bf16_row_to_f32(th->rows[start + i], HD, th->kt + i * HD);
-        dsv4_dot_fma_grid(th->q, HD, H, th->kt, NULL, HD, n, HD, th->s, TILE);
+        /* scores as [row][head]: the softmax then runs with the heads in the lanes */
+        dsv4_dot_fma_grid(th->kt, HD, n, th->q, NULL, HD, H, HD, th->s, H);
         float *o = j ? th->oj : th->o;
-        for (int64_t h = 0; h < H; h++) {          /* tile statistics (§2.2) */
-            float *s = th->s + h * TILE, mx = -INFINITY, sum = 0.0f;
-            for (int64_t i = 0; i < n; i++) {
-                s[i] = s[i] * scale;
-                mx = s[i] > mx ? s[i] : mx;
-            }
-            for (int64_t i = 0; i < n; i++) {
-                float ex = exp32(s[i] - mx);
-                sum = sum + ex;
-                s[i] = dsv4_round_bf16(ex);       /* PV uses bf16 probabilities, l the fp32 ones */
-            }
-            mj[h] = mx;
-            lj[h] = sum;
-        }
-        dsv4_pv(th->s, TILE, H, th->kt, n, HD, o);
+        tile_softmax(th->s, n, H, scale, mj, lj);
+        dsv4_pv(th->s, 1, H, H, th->kt, n, HD, o);
         for (int64_t h = 0; h < H; h++) {
             float mx = mj[h], sum = lj[h];
             const float *oh = o + h * HD;
@@ -438,7 +470,7 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
             }
             /* online merge in tile order (§2.3) */
             float mn = m[h] > mx ? m[h] : mx;
-            float alpha = exp32(m[h] - mn), beta = exp32(mx - mn);
+            float alpha = dsv4_exp_f32(m[h] - mn), beta = dsv4_exp_f32(mx - mn);
             l[h] = alpha * l[h] + beta * sum;
             merge(th->o + h * HD, oh, HD, alpha, beta);
             m[h] = mn;
@@ -448,7 +480,7 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
     dsv4_bf16_row_to_f32(a->freqs_cos + t * a->RW, R / 2, cosr);
     dsv4_bf16_row_to_f32(a->freqs_sin + t * a->RW, R / 2, sinr);
     for (int64_t h = 0; h < H; h++) {
-        float denom = l[h] + exp32(a->attn_sink[h] - m[h]);    /* the sink: a logit without a value */
+        float denom = l[h] + dsv4_exp_f32(a->attn_sink[h] - m[h]);    /* the sink: a logit without a value */
         float *oh = th->o + h * HD, *out = ob + h * HD;
         normalise(oh, HD, denom, out, N);
         bf16_t rot[512];

@@ -328,7 +328,7 @@ int dsv4_prefill_indexer_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_prefill_indexer(void *a, struct dsv4_err *e);
 
 /* ---- numerics core, exposed for testing ------------------------------------ */
-enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32 };
+enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32, DSV4_CAST_EXP };
 struct dsv4_cast_args {
     const void *x;            /* [N] */
     void *y;                  /* [N] */
