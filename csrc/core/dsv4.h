@@ -107,8 +107,6 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
                     const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
                     float *C, int64_t ldc, void *work);
 
-#define DSV4_PANEL 32
-
 /* out[t, n] = X[t, :] . W[n, :] for bf16 weight rows W [N, K] (ldw) and X [T, K] fp32
  * holding bf16 values; runs its own parallel region of nth threads. work holds
  * dsv4_xwt_work(T, N, K, nth) bytes. Below DSV4_XWT_PANEL_MIN tokens the sums follow the

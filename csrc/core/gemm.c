@@ -12,6 +12,7 @@
  */
 #include <math.h>
 
+#include "core/avx512.h"
 #include "core/dsv4.h"
 #include "core/gemm.h"
 
@@ -41,13 +42,10 @@ static inline void pf_step(struct pf_cursor *c, int64_t n)
 }
 
 #if defined(__x86_64__)
-/* Transpose 16 x 16 dwords: out row q (stride ldo bytes) = column q of the 16 rows of in
- * (stride ldi bytes); rows n >= nrows read as zero. */
-AVX512 static void tr16_dw(const void *in, int64_t ldi, int64_t nrows, void *out, int64_t ldo)
+/* out row q (stride ldo bytes) = lane q of the 16 vectors r */
+AVX512 static void tr16_regs(const __m512i *r, void *out, int64_t ldo)
 {
-    __m512i r[16], t[16], u[16];
-    for (int n = 0; n < 16; n++)
-        r[n] = n < nrows ? _mm512_loadu_si512((const char *)in + n * ldi) : _mm512_setzero_si512();
+    __m512i t[16], u[16];
     for (int j = 0; j < 8; j++) {
         t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
         t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
@@ -70,6 +68,16 @@ AVX512 static void tr16_dw(const void *in, int64_t ldi, int64_t nrows, void *out
         _mm512_storeu_si512(o + (8 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0x88));
         _mm512_storeu_si512(o + (12 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0xdd));
     }
+}
+
+/* Transpose 16 x 16 dwords: out row q (stride ldo bytes) = column q of the 16 rows of in
+ * (stride ldi bytes); rows n >= nrows read as zero. */
+AVX512 static void tr16_dw(const void *in, int64_t ldi, int64_t nrows, void *out, int64_t ldo)
+{
+    __m512i r[16];
+    for (int n = 0; n < 16; n++)
+        r[n] = n < nrows ? _mm512_loadu_si512((const char *)in + n * ldi) : _mm512_setzero_si512();
+    tr16_regs(r, out, ldo);
 }
 #endif
 
@@ -594,36 +602,51 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
 
 /* ---- out[T, N] = X[T, K] . W[N, K]^T for bf16 weights stored as rows ---------------
  * Few tokens: dot products, one per output, in the dsv4_dot_f32 lane order. From
- * DSV4_XWT_PANEL_MIN tokens on: the tokens are laid out as [K][32] panels, each group of
- * 8 weight rows is converted to fp32 in k-blocks of XWT_KC, and they meet in a
- * register-blocked micro-kernel. The accumulators go through memory between k-blocks,
- * which is exact, so every output is still fmaf over k = 0..K-1 in order. Both paths are
- * exact per product for bf16-valued X; each output comes from one thread. */
+ * DSV4_XWT_PANEL_MIN tokens on, each thread takes a run of 32-row panels of W. Per k-block of
+ * XWT_KC it copies the tokens' slice (shared by all its panels, so it stays in L2) and turns
+ * each panel into fp32 [k][32 rows] (stays in L1); 8 tokens at a time meet it in a
+ * register-blocked micro-kernel with the rows in the lanes. The sums go through memory
+ * between k-blocks, which is exact, so every output is still fmaf over k = 0..K-1 in
+ * order. Both paths are exact per product for bf16-valued X; each output comes from one
+ * thread. */
 
 #include <omp.h>
 
-#define XWT_ROWS 256
 #define XWT_KC 256
+#define XWT_NR 32
+
+static int64_t xwt_token_rows(int64_t T) { return dsv4_round_up(T, 8); }
+
+/* per thread: the token slice [Tr][XWT_KC], a panel [XWT_KC][XWT_NR], sums [panels][Tr][XWT_NR] */
+static size_t xwt_thread_bytes(int64_t T, int64_t N, int nth)
+{
+    int64_t Tr = xwt_token_rows(T), np = (N + XWT_NR - 1) / XWT_NR, pt = (np + nth - 1) / nth;
+    return ((size_t)Tr * XWT_KC + XWT_KC * XWT_NR + (size_t)pt * Tr * XWT_NR) * sizeof(float) + 64;
+}
 
 size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int nth)
 {
-    if (T < DSV4_XWT_PANEL_MIN)
-        return 0;
-    int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL;
-    return ((size_t)nb * K * DSV4_PANEL + (size_t)nth * (XWT_ROWS * XWT_KC + XWT_ROWS * DSV4_PANEL * nb)) *
-           sizeof(float) + 64 * (size_t)nth;
+    return T < DSV4_XWT_PANEL_MIN ? 0 : (size_t)nth * xwt_thread_bytes(T, N, nth);
 }
 
-/* ct[8][32] += A[8][lda] (weight rows) . B[kb][32] (token panel), sequential k */
+/* ct[8][32] += A[8][lda] . B[kb][32], sequential k (A: 8 token rows, B: a panel) */
 static void xwt_micro_scalar(const float *A, int64_t lda, const float *B, int64_t kb, float *ct)
 {
     for (int r = 0; r < 8; r++)
-        for (int j = 0; j < DSV4_PANEL; j++) {
-            float c = ct[r * DSV4_PANEL + j];
+        for (int j = 0; j < XWT_NR; j++) {
+            float c = ct[r * XWT_NR + j];
             for (int64_t k = 0; k < kb; k++)
-                c = fmaf(A[r * lda + k], B[k * DSV4_PANEL + j], c);
-            ct[r * DSV4_PANEL + j] = c;
+                c = fmaf(A[r * lda + k], B[k * XWT_NR + j], c);
+            ct[r * XWT_NR + j] = c;
         }
+}
+
+/* P[k][j] = W[j, k] in fp32 for j < nr (zero beyond), k < kn */
+static void xwt_panel_scalar(const bf16_t *W, int64_t ldw, int64_t nr, int64_t kn, float *P)
+{
+    for (int64_t k = 0; k < kn; k++)
+        for (int64_t j = 0; j < XWT_NR; j++)
+            P[k * XWT_NR + j] = j < nr ? dsv4_bf16_to_f32(W[j * ldw + k]) : 0.0f;
 }
 
 #if defined(__x86_64__)
@@ -632,11 +655,11 @@ AVX512 static void xwt_micro_avx512(const float *A, int64_t lda, const float *B,
 {
     __m512 c[8][2];
     for (int r = 0; r < 8; r++) {
-        c[r][0] = _mm512_load_ps(ct + r * DSV4_PANEL);
-        c[r][1] = _mm512_load_ps(ct + r * DSV4_PANEL + 16);
+        c[r][0] = _mm512_load_ps(ct + r * XWT_NR);
+        c[r][1] = _mm512_load_ps(ct + r * XWT_NR + 16);
     }
     for (int64_t k = 0; k < kb; k++) {
-        __m512 b0 = _mm512_load_ps(B + k * DSV4_PANEL), b1 = _mm512_load_ps(B + k * DSV4_PANEL + 16);
+        __m512 b0 = _mm512_load_ps(B + k * XWT_NR), b1 = _mm512_load_ps(B + k * XWT_NR + 16);
         for (int r = 0; r < 8; r++) {
             __m512 av = _mm512_set1_ps(A[r * lda + k]);
             c[r][0] = _mm512_fmadd_ps(av, b0, c[r][0]);
@@ -644,42 +667,41 @@ AVX512 static void xwt_micro_avx512(const float *A, int64_t lda, const float *B,
         }
     }
     for (int r = 0; r < 8; r++) {
-        _mm512_store_ps(ct + r * DSV4_PANEL, c[r][0]);
-        _mm512_store_ps(ct + r * DSV4_PANEL + 16, c[r][1]);
+        _mm512_store_ps(ct + r * XWT_NR, c[r][0]);
+        _mm512_store_ps(ct + r * XWT_NR + 16, c[r][1]);
     }
 }
-#endif
 
-/* X rows (nc <= 32 of them) -> P[k][32], columns >= nc zero; 16 k at a time so that the
- * strided writes stay in a few cache lines */
-static void xwt_pack_tokens(const float *X, int64_t ldx, int64_t nc, int64_t K, float *P)
+/* xwt_panel_scalar, 16 rows x 16 k at a time: widen, then a 16 x 16 transpose */
+AVX512 static void xwt_panel_avx512(const bf16_t *W, int64_t ldw, int64_t nr, int64_t kn, float *P)
 {
-    int64_t k0 = 0;
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
-        for (; k0 + 16 <= K; k0 += 16) {
-            tr16_dw(X + k0, ldx * 4, nc, P + k0 * DSV4_PANEL, DSV4_PANEL * 4);
-            tr16_dw(X + 16 * ldx + k0, ldx * 4, nc - 16, P + k0 * DSV4_PANEL + 16, DSV4_PANEL * 4);
+    const int64_t k16 = kn / 16 * 16;
+    for (int64_t jb = 0; jb < XWT_NR; jb += 16) {
+        int64_t rows = nr - jb < 0 ? 0 : nr - jb < 16 ? nr - jb : 16;
+        for (int64_t k = 0; k < k16; k += 16) {
+            __m512i r[16];
+            for (int n = 0; n < 16; n++)
+                r[n] = n < rows ? _mm512_castps_si512(dsv4_load_bf16x16(W + (jb + n) * ldw + k))
+                                : _mm512_setzero_si512();
+            tr16_regs(r, P + k * XWT_NR + jb, XWT_NR * 4);
         }
-#endif
-    for (; k0 < K; k0 += 16) {
-        int64_t kn = K - k0 < 16 ? K - k0 : 16;
-        for (int64_t j = 0; j < DSV4_PANEL; j++)
-            for (int64_t k = k0; k < k0 + kn; k++)
-                P[k * DSV4_PANEL + j] = j < nc ? X[j * ldx + k] : 0.0f;
     }
+    if (k16 < kn)
+        for (int64_t k = k16; k < kn; k++)
+            for (int64_t j = 0; j < XWT_NR; j++)
+                P[k * XWT_NR + j] = j < nr ? dsv4_bf16_to_f32(W[j * ldw + k]) : 0.0f;
 }
+#endif
 
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
               int64_t K, float *out, int64_t ldo, void *work, int nth)
 {
-    /* rows per unit: at most XWT_ROWS, and few enough that every thread gets some; the
-     * partition does not change any sum */
-    const int64_t cap = T < DSV4_XWT_PANEL_MIN ? 64 : XWT_ROWS;
-    int64_t ur = dsv4_round_up((N + nth - 1) / nth, 8);
-    ur = ur < cap ? ur : cap;
-    const int64_t units = (N + ur - 1) / ur;
     if (T < DSV4_XWT_PANEL_MIN) {
+        /* units of at most 64 rows, few enough that every thread gets some; the partition
+         * does not change any sum */
+        int64_t ur = dsv4_round_up((N + nth - 1) / nth, 8);
+        ur = ur < 64 ? ur : 64;
+        const int64_t units = (N + ur - 1) / ur;
         #pragma omp parallel for schedule(static) num_threads(nth)
         for (int64_t u = 0; u < units; u++) {
             int64_t r0 = u * ur, nr = N - r0 < ur ? N - r0 : ur;
@@ -688,68 +710,48 @@ void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t l
         return;
     }
     void (*micro)(const float *, int64_t, const float *, int64_t, float *) = xwt_micro_scalar;
+    void (*panel)(const bf16_t *, int64_t, int64_t, int64_t, float *) = xwt_panel_scalar;
 #if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         micro = xwt_micro_avx512;
+        panel = xwt_panel_avx512;
+    }
 #endif
-    const int64_t nb = (T + DSV4_PANEL - 1) / DSV4_PANEL, nkb = (K + XWT_KC - 1) / XWT_KC;
-    float *panels = work;
-    char *thr = (char *)(panels + (size_t)nb * K * DSV4_PANEL);
-    const size_t per = (size_t)(XWT_ROWS * XWT_KC + XWT_ROWS * DSV4_PANEL * nb) * sizeof(float) + 64;
+    const int64_t Tr = xwt_token_rows(T), np = (N + XWT_NR - 1) / XWT_NR, calls = Tr / 8;
+    const size_t per = xwt_thread_bytes(T, N, nth);
     #pragma omp parallel num_threads(nth)
     {
         const int ith = omp_get_thread_num(), nt = omp_get_num_threads();
-        for (int64_t b = ith; b < nb; b += nt) {
-            int64_t t0 = b * DSV4_PANEL, nc = T - t0 < DSV4_PANEL ? T - t0 : DSV4_PANEL;
-            xwt_pack_tokens(X + t0 * ldx, ldx, nc, K, panels + (size_t)b * K * DSV4_PANEL);
+        const int64_t p0 = np * ith / nt, p1 = np * (ith + 1) / nt;
+        float *xs = (float *)dsv4_align_up((char *)work + (size_t)ith * per, 64);
+        float *pw = xs + Tr * XWT_KC, *ct = pw + XWT_KC * XWT_NR;
+        memset(xs + T * XWT_KC, 0, (size_t)(Tr - T) * XWT_KC * sizeof(float));
+        memset(ct, 0, (size_t)(p1 - p0) * Tr * XWT_NR * sizeof(float));
+        for (int64_t k0 = 0; k0 < K && p0 < p1; k0 += XWT_KC) {
+            const int64_t kn = K - k0 < XWT_KC ? K - k0 : XWT_KC;
+            for (int64_t t = 0; t < T; t++)
+                memcpy(xs + t * XWT_KC, X + t * ldx + k0, (size_t)kn * sizeof(float));
+            for (int64_t p = p0; p < p1; p++) {
+                const int64_t r0 = p * XWT_NR, nr = N - r0 < XWT_NR ? N - r0 : XWT_NR;
+                panel(W + r0 * ldw + k0, ldw, nr, kn, pw);
+                /* the next panel's rows (or the first panel's next k-block) come in meanwhile */
+                int64_t pn = p + 1 < p1 ? p + 1 : p0, pk = p + 1 < p1 ? k0 : k0 + XWT_KC;
+                int64_t pnr = pk >= K ? 0 : N - pn * XWT_NR < XWT_NR ? N - pn * XWT_NR : XWT_NR;
+                int64_t plen = (K - pk < XWT_KC ? K - pk : XWT_KC) * (int64_t)sizeof(bf16_t);
+                struct pf_cursor pf = {(const char *)(W + pn * XWT_NR * ldw + pk),
+                                       ldw * (int64_t)sizeof(bf16_t), pnr, (plen + 63) / 64, 0, 0};
+                const int64_t step = (pnr * pf.lpr + calls - 1) / calls;
+                float *c = ct + (p - p0) * Tr * XWT_NR;
+                for (int64_t t = 0; t < Tr; t += 8) {
+                    pf_step(&pf, step);
+                    micro(xs + t * XWT_KC, XWT_KC, pw, kn, c + t * XWT_NR);
+                }
+            }
         }
-        #pragma omp barrier
-        /* wf: one k-block of the unit's rows in fp32, [row group][8][XWT_KC]; ct: [nb][rows][32] */
-        float *wf = (float *)dsv4_align_up(thr + (size_t)ith * per, 64);
-        float *ct = wf + XWT_ROWS * XWT_KC;
-        for (int64_t u = ith; u < units; u += nt) {
-            int64_t r0 = u * ur, nr = N - r0 < ur ? N - r0 : ur;
-            int64_t ng = (nr + 7) / 8;
-            memset(ct, 0, (size_t)nb * ng * 8 * DSV4_PANEL * sizeof(float));
-            memset(wf + nr * XWT_KC, 0, (size_t)(ng * 8 - nr) * XWT_KC * sizeof(float));
-            for (int64_t kb = 0; kb < nkb; kb++) {
-                int64_t k0 = kb * XWT_KC, kn = K - k0 < XWT_KC ? K - k0 : XWT_KC;
-                for (int64_t r = 0; r < nr; r++)
-                    dsv4_bf16_row_to_f32(W + (r0 + r) * ldw + k0, kn, wf + r * XWT_KC);
-                /* the rows of the next k-block (or unit) come in while this one computes */
-                int64_t pr0 = r0, pk0 = k0 + XWT_KC, pnr = nr;
-                if (pk0 >= K) {
-                    pr0 = r0 + nt * ur;
-                    pk0 = 0;
-                    pnr = pr0 < N ? (N - pr0 < ur ? N - pr0 : ur) : 0;
-                }
-                const int64_t plen = (K - pk0 < XWT_KC ? K - pk0 : XWT_KC) * (int64_t)sizeof(bf16_t);
-                struct pf_cursor pf = {(const char *)(W + pr0 * ldw + pk0), ldw * (int64_t)sizeof(bf16_t),
-                                       pnr, (plen + 63) / 64, 0, 0};
-                const int64_t calls = nb * ng, step = (pnr * pf.lpr + calls - 1) / calls;
-                for (int64_t b = 0; b < nb; b++) {
-                    const float *P = panels + ((size_t)b * K + k0) * DSV4_PANEL;
-                    for (int64_t g = 0; g < ng; g++) {
-                        pf_step(&pf, step);
-                        micro(wf + g * 8 * XWT_KC, XWT_KC, P, kn, ct + (b * ng + g) * 8 * DSV4_PANEL);
-                    }
-                }
-            }
-            for (int64_t b = 0; b < nb; b++) {
-                int64_t t0 = b * DSV4_PANEL, nc = T - t0 < DSV4_PANEL ? T - t0 : DSV4_PANEL;
-                const float *c = ct + b * ng * 8 * DSV4_PANEL;
-                int64_t r = 0;
-#if defined(__x86_64__)
-                if (micro == xwt_micro_avx512 && nc == DSV4_PANEL)
-                    for (; r + 16 <= nr; r += 16)
-                        for (int64_t j = 0; j < DSV4_PANEL; j += 16)
-                            tr16_dw(c + r * DSV4_PANEL + j, DSV4_PANEL * 4, 16,
-                                    out + (t0 + j) * ldo + r0 + r, ldo * 4);
-#endif
-                for (int64_t j = 0; j < nc; j++)
-                    for (int64_t rr = r; rr < nr; rr++)
-                        out[(t0 + j) * ldo + r0 + rr] = c[rr * DSV4_PANEL + j];
-            }
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t r0 = p * XWT_NR, nr = N - r0 < XWT_NR ? N - r0 : XWT_NR;
+            for (int64_t t = 0; t < T; t++)
+                memcpy(out + t * ldo + r0, ct + ((p - p0) * Tr + t) * XWT_NR, (size_t)nr * sizeof(float));
         }
     }
 }
