@@ -109,12 +109,21 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
 
 /* out[t, n] = X[t, :] . W[n, :] for bf16 weight rows W [N, K] (ldw) and X [T, K] fp32
  * holding bf16 values; runs its own parallel region of nth threads. work holds
- * dsv4_xwt_work(T, N, K, nth) bytes. Below DSV4_XWT_PANEL_MIN tokens the sums follow the
+ * dsv4_xwt_work(T, N, K, 1, nth) bytes. Below DSV4_XWT_PANEL_MIN tokens the sums follow the
  * dsv4_dot_f32 lane order, from it on the sequential-k order of the GEMM. */
 #define DSV4_XWT_PANEL_MIN 32
-size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int nth);
+size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth);
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
               int64_t K, float *out, int64_t ldo, void *work, int nth);
+/* G such products of one shape in one parallel region (work for G), group g from its own
+ * X, W and out; same bits as G calls of dsv4_xwt. */
+struct dsv4_xwt_group {
+    const float *X;
+    const bf16_t *W;
+    float *out;
+};
+void dsv4_xwt_groups(const struct dsv4_xwt_group *g, int64_t G, int64_t ldx, int64_t T,
+                     int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth);
 
 /* A is int8 [M, K] prepared by dsv4_gemm_i8_prep_a (rows padded, k padded to 4). */
 int64_t dsv4_gemm_i8_lda(int64_t K);

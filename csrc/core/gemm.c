@@ -617,16 +617,19 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
 
 static int64_t xwt_token_rows(int64_t T) { return dsv4_round_up(T, 8); }
 
-/* per thread: the token slice [Tr][XWT_KC], a panel [XWT_KC][XWT_NR], sums [panels][Tr][XWT_NR] */
-static size_t xwt_thread_bytes(int64_t T, int64_t N, int nth)
+/* per thread: the token slice [Tr][XWT_KC], a panel [XWT_KC][XWT_NR], and the sums of
+ * its run of panels [panels][Tr][XWT_NR], at most one group's worth */
+static size_t xwt_thread_bytes(int64_t T, int64_t N, int64_t G, int nth)
 {
-    int64_t Tr = xwt_token_rows(T), np = (N + XWT_NR - 1) / XWT_NR, pt = (np + nth - 1) / nth;
+    int64_t Tr = xwt_token_rows(T), np = (N + XWT_NR - 1) / XWT_NR;
+    int64_t pt = (G * np + nth - 1) / nth;
+    pt = pt < np ? pt : np;
     return ((size_t)Tr * XWT_KC + XWT_KC * XWT_NR + (size_t)pt * Tr * XWT_NR) * sizeof(float) + 64;
 }
 
-size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int nth)
+size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth)
 {
-    return T < DSV4_XWT_PANEL_MIN ? 0 : (size_t)nth * xwt_thread_bytes(T, N, nth);
+    return T < DSV4_XWT_PANEL_MIN ? 0 : (size_t)nth * xwt_thread_bytes(T, N, G, nth);
 }
 
 /* ct[8][32] += A[8][lda] . B[kb][32], sequential k (A: 8 token rows, B: a panel) */
@@ -696,16 +699,24 @@ AVX512 static void xwt_panel_avx512(const bf16_t *W, int64_t ldw, int64_t nr, in
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
               int64_t K, float *out, int64_t ldo, void *work, int nth)
 {
+    struct dsv4_xwt_group g = {X, W, out};
+    dsv4_xwt_groups(&g, 1, ldx, T, ldw, N, K, ldo, work, nth);
+}
+
+void dsv4_xwt_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, int64_t T,
+                     int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth)
+{
     if (T < DSV4_XWT_PANEL_MIN) {
         /* units of at most 64 rows, few enough that every thread gets some; the partition
          * does not change any sum */
-        int64_t ur = dsv4_round_up((N + nth - 1) / nth, 8);
+        int64_t ur = dsv4_round_up((G * N + nth - 1) / nth, 8);
         ur = ur < 64 ? ur : 64;
         const int64_t units = (N + ur - 1) / ur;
         #pragma omp parallel for schedule(static) num_threads(nth)
-        for (int64_t u = 0; u < units; u++) {
-            int64_t r0 = u * ur, nr = N - r0 < ur ? N - r0 : ur;
-            dsv4_dot_fma_grid(X, ldx, T, NULL, W + r0 * ldw, ldw, nr, K, out + r0, ldo);
+        for (int64_t u = 0; u < G * units; u++) {
+            const struct dsv4_xwt_group *g = &grp[u / units];
+            int64_t r0 = u % units * ur, nr = N - r0 < ur ? N - r0 : ur;
+            dsv4_dot_fma_grid(g->X, ldx, T, NULL, g->W + r0 * ldw, ldw, nr, K, g->out + r0, ldo);
         }
         return;
     }
@@ -718,40 +729,51 @@ void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t l
     }
 #endif
     const int64_t Tr = xwt_token_rows(T), np = (N + XWT_NR - 1) / XWT_NR, calls = Tr / 8;
-    const size_t per = xwt_thread_bytes(T, N, nth);
+    const size_t per = xwt_thread_bytes(T, N, G, nth);
     #pragma omp parallel num_threads(nth)
     {
+        /* a thread's panels are a run of the G * np in group order; the tokens' k-slice it
+         * copies serves all its panels of one group */
         const int ith = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t p0 = np * ith / nt, p1 = np * (ith + 1) / nt;
+        const int64_t q0 = G * np * ith / nt, q1 = G * np * (ith + 1) / nt;
         float *xs = (float *)dsv4_align_up((char *)work + (size_t)ith * per, 64);
         float *pw = xs + Tr * XWT_KC, *ct = pw + XWT_KC * XWT_NR;
         memset(xs + T * XWT_KC, 0, (size_t)(Tr - T) * XWT_KC * sizeof(float));
-        memset(ct, 0, (size_t)(p1 - p0) * Tr * XWT_NR * sizeof(float));
-        for (int64_t k0 = 0; k0 < K && p0 < p1; k0 += XWT_KC) {
-            const int64_t kn = K - k0 < XWT_KC ? K - k0 : XWT_KC;
-            for (int64_t t = 0; t < T; t++)
-                memcpy(xs + t * XWT_KC, X + t * ldx + k0, (size_t)kn * sizeof(float));
-            for (int64_t p = p0; p < p1; p++) {
-                const int64_t r0 = p * XWT_NR, nr = N - r0 < XWT_NR ? N - r0 : XWT_NR;
-                panel(W + r0 * ldw + k0, ldw, nr, kn, pw);
-                /* the next panel's rows (or the first panel's next k-block) come in meanwhile */
-                int64_t pn = p + 1 < p1 ? p + 1 : p0, pk = p + 1 < p1 ? k0 : k0 + XWT_KC;
-                int64_t pnr = pk >= K ? 0 : N - pn * XWT_NR < XWT_NR ? N - pn * XWT_NR : XWT_NR;
-                int64_t plen = (K - pk < XWT_KC ? K - pk : XWT_KC) * (int64_t)sizeof(bf16_t);
-                struct pf_cursor pf = {(const char *)(W + pn * XWT_NR * ldw + pk),
-                                       ldw * (int64_t)sizeof(bf16_t), pnr, (plen + 63) / 64, 0, 0};
-                const int64_t step = (pnr * pf.lpr + calls - 1) / calls;
-                float *c = ct + (p - p0) * Tr * XWT_NR;
-                for (int64_t t = 0; t < Tr; t += 8) {
-                    pf_step(&pf, step);
-                    micro(xs + t * XWT_KC, XWT_KC, pw, kn, c + t * XWT_NR);
+        for (int64_t q = q0; q < q1;) {
+            const struct dsv4_xwt_group *g = &grp[q / np];
+            const int64_t p0 = q % np, p1 = np < p0 + q1 - q ? np : p0 + q1 - q;
+            const float *X = g->X;
+            const bf16_t *W = g->W;
+            q += p1 - p0;
+            memset(ct, 0, (size_t)(p1 - p0) * Tr * XWT_NR * sizeof(float));
+            for (int64_t k0 = 0; k0 < K; k0 += XWT_KC) {
+                const int64_t kn = K - k0 < XWT_KC ? K - k0 : XWT_KC;
+                for (int64_t t = 0; t < T; t++)
+                    memcpy(xs + t * XWT_KC, X + t * ldx + k0, (size_t)kn * sizeof(float));
+                for (int64_t p = p0; p < p1; p++) {
+                    const int64_t r0 = p * XWT_NR, nr = N - r0 < XWT_NR ? N - r0 : XWT_NR;
+                    panel(W + r0 * ldw + k0, ldw, nr, kn, pw);
+                    /* the next panel's rows (or the first panel's next k-block) come in
+                     * meanwhile */
+                    int64_t pn = p + 1 < p1 ? p + 1 : p0, pk = p + 1 < p1 ? k0 : k0 + XWT_KC;
+                    int64_t pnr = pk >= K ? 0 : N - pn * XWT_NR < XWT_NR ? N - pn * XWT_NR : XWT_NR;
+                    int64_t plen = (K - pk < XWT_KC ? K - pk : XWT_KC) * (int64_t)sizeof(bf16_t);
+                    struct pf_cursor pf = {(const char *)(W + pn * XWT_NR * ldw + pk),
+                                           ldw * (int64_t)sizeof(bf16_t), pnr, (plen + 63) / 64, 0, 0};
+                    const int64_t step = (pnr * pf.lpr + calls - 1) / calls;
+                    float *c = ct + (p - p0) * Tr * XWT_NR;
+                    for (int64_t t = 0; t < Tr; t += 8) {
+                        pf_step(&pf, step);
+                        micro(xs + t * XWT_KC, XWT_KC, pw, kn, c + t * XWT_NR);
+                    }
                 }
             }
-        }
-        for (int64_t p = p0; p < p1; p++) {
-            const int64_t r0 = p * XWT_NR, nr = N - r0 < XWT_NR ? N - r0 : XWT_NR;
-            for (int64_t t = 0; t < T; t++)
-                memcpy(out + t * ldo + r0, ct + ((p - p0) * Tr + t) * XWT_NR, (size_t)nr * sizeof(float));
+            for (int64_t p = p0; p < p1; p++) {
+                const int64_t r0 = p * XWT_NR, nr = N - r0 < XWT_NR ? N - r0 : XWT_NR;
+                for (int64_t t = 0; t < T; t++)
+                    memcpy(g->out + t * ldo + r0, ct + ((p - p0) * Tr + t) * XWT_NR,
+                           (size_t)nr * sizeof(float));
+            }
         }
     }
 }

@@ -158,7 +158,7 @@ static void attn_layout(const struct dsv4_sparse_attn_args *a, struct dsv4_arena
     s->q8 = dsv4_take(ar, (size_t)a->G * Tp * dsv4_gemm_i8_lda(a->OL));
     s->q8sum = dsv4_take(ar, (size_t)a->G * Tp * sizeof(int32_t));
     s->sdq = dsv4_take(ar, (size_t)T * a->G * sizeof(float));
-    s->xwt = dsv4_take(ar, dsv4_xwt_work(T, a->OL, a->OGI, a->nth));
+    s->xwt = dsv4_take(ar, dsv4_xwt_work(T, a->OL, a->OGI, a->G, a->nth));
     s->pbuf = dsv4_take(ar, (size_t)a->nth * Tp * COLS * sizeof(int32_t));
     s->acc = dsv4_take(ar, (size_t)a->nth * Tp * COLS * sizeof(float));
     for (int i = 0; i < a->nth; i++) {
@@ -228,9 +228,10 @@ int dsv4_sparse_attn_prepare(void *p, struct dsv4_err *e, size_t *scratch)
                  (long long)a->H);
         return DSV4_EVALUE;
     }
-    if (a->OL > 65536 || a->H > 4096) {
-        snprintf(e->msg, sizeof e->msg, "o_lora_rank %lld or %lld heads is too large",
-                 (long long)a->OL, (long long)a->H);
+    if (a->OL > 65536 || a->H > 4096 || a->G > 256) {
+        snprintf(e->msg, sizeof e->msg,
+                 "o_lora_rank %lld, %lld heads or %lld groups is too large (limits 65536, 4096, 256)",
+                 (long long)a->OL, (long long)a->H, (long long)a->G);
         return DSV4_EVALUE;
     }
     for (int64_t t = 0; t < a->num_tokens; t++) {
@@ -507,9 +508,10 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
     }
 
     /* first projection, per group: o_r[t, g, :] = Ob[t, group g] . wo_a[g]^T */
+    struct dsv4_xwt_group grp[256];
     for (int64_t g = 0; g < G; g++)
-        dsv4_xwt(s.ob + g * OGI, H * HD, T, a->wo_a + g * OL * OGI, OGI, OL, OGI, s.o_r + g * OL,
-                 G * OL, s.xwt, a->nth);
+        grp[g] = (struct dsv4_xwt_group){s.ob + g * OGI, a->wo_a + g * OL * OGI, s.o_r + g * OL};
+    dsv4_xwt_groups(grp, G, H * HD, T, OGI, OL, OGI, G * OL, s.xwt, a->nth);
 
     #pragma omp parallel num_threads(a->nth)
     {

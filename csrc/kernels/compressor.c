@@ -90,7 +90,7 @@ int dsv4_decode_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch)
         }
     }
     *scratch = (size_t)a->B * (2 * a->OD + a->D) * sizeof(float) + 2 * (size_t)a->HD * sizeof(float) +
-               dsv4_xwt_work(a->B, a->OD, a->D, dsv4_num_threads());
+               dsv4_xwt_work(a->B, a->OD, a->D, 2, dsv4_num_threads());
     return DSV4_OK;
 }
 
@@ -113,8 +113,8 @@ int dsv4_decode_compressor(void *p, struct dsv4_err *e)
     for (int64_t b = 0; b < B; b++)
         dsv4_bf16_row_to_f32(a->x + b * D, D, xf + b * D);
     void *work = kg + B * 2 * OD + 2 * HD;
-    dsv4_xwt(xf, D, B, a->wkv, D, OD, D, kg, 2 * OD, work, dsv4_num_threads());
-    dsv4_xwt(xf, D, B, a->wgate, D, OD, D, kg + OD, 2 * OD, work, dsv4_num_threads());
+    struct dsv4_xwt_group kv_gate[2] = {{xf, a->wkv, kg}, {xf, a->wgate, kg + OD}};
+    dsv4_xwt_groups(kv_gate, 2, D, B, D, OD, D, 2 * OD, work, dsv4_num_threads());
     if (!a->keep_kv)
         memset(a->kv, 0, (size_t)B * HD * sizeof(float));
 
@@ -278,7 +278,7 @@ int dsv4_prefill_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch
     }
     *scratch = (size_t)a->T * (a->D + 2 * a->OD + a->HD) * sizeof(float) +
                (size_t)dsv4_num_threads() * 2 * span * a->HD * sizeof(float) +
-               dsv4_xwt_work(a->T, a->OD, a->D, dsv4_num_threads()) + 64;
+               dsv4_xwt_work(a->T, a->OD, a->D, 2, dsv4_num_threads()) + 64;
     return DSV4_OK;
 }
 
@@ -293,8 +293,8 @@ int dsv4_prefill_compressor(void *p, struct dsv4_err *e)
     for (int64_t t = 0; t < T; t++)
         dsv4_bf16_row_to_f32(a->x + t * D, D, xf + t * D);
     void *work = slots + (size_t)dsv4_num_threads() * 2 * span * HD;
-    dsv4_xwt(xf, D, T, a->wkv, D, OD, D, K, OD, work, dsv4_num_threads());
-    dsv4_xwt(xf, D, T, a->wgate, D, OD, D, G, OD, work, dsv4_num_threads());
+    struct dsv4_xwt_group kv_gate[2] = {{xf, a->wkv, K}, {xf, a->wgate, G}};
+    dsv4_xwt_groups(kv_gate, 2, D, T, D, OD, D, OD, work, dsv4_num_threads());
     for (int64_t t = 0; t < n; t++) {                 /* scores carry the position embedding */
         const float *ape = a->ape + (a->position_ids[t] % R) * OD;
         for (int64_t c = 0; c < OD; c++)
