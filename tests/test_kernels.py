@@ -153,6 +153,32 @@ def test_same_bits_scalar_and_simd_at_tile_sizes(kernel, simd, isa):
     assert_simd_matches_scalar(kernel, getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3), simd, isa)
 
 
+# From DSV4_XWT_PANEL_MIN = 32 tokens on, the bf16 weight-row GEMM runs in 32-row panels and
+# 256-wide k-blocks; here with partial panels (72 rows), a partial k-block whose width is no
+# multiple of 16 (200) and token blocks past 32 (40)
+PANEL = dict(SMALL, head_dim=100, o_lora_rank=72)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("kernel", ["prefill_sparse_attn", "prefill_compressor_ratio4",
+                                    "prefill_compressor_ratio128"])
+def test_same_bits_scalar_and_simd_in_the_panel_gemm(kernel, simd, isa):
+    import dataclasses
+    cfg = dataclasses.replace(dsv4.FLASH, **PANEL)
+    params = dict(next(iter(dsv4.specs.CASES[kernel].values())), T=40)
+    inputs = getattr(dsv4.specs, kernel)(**params, seed=4, config=cfg)
+    takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters
+    need(simd)
+    run = dsv4.KERNELS[kernel]
+    kw = {"config": cfg} if takes_config else {}
+    isa("scalar")
+    ref = run(**fresh(kernel, inputs), **kw)
+    isa(simd)
+    out = run(**fresh(kernel, inputs), **kw)
+    for name in ref:
+        assert same_bits(ref[name], out[name]), name
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_inputs_unchanged(kernel):
     inputs = small_inputs(kernel)
