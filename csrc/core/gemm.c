@@ -516,6 +516,11 @@ AMX static void gemm_i8_nt_amx(const int8_t *Ap, int64_t Mp, int64_t K, const in
                 }
                 pf_step(&pf, per);
                 for (int64_t k = 0; k < kn; k += 64) {
+                    /* the next A tile into L1, so that its load does not wait on L2 */
+                    const int8_t *na = k + 64 < kn ? Ap + m * K + k0 + k + 64 : Ap + (m + rows) * K + k0;
+                    if (k + 64 < kn || m + rows < Mp)
+                        for (int r = 0; r < 16; r++)
+                            __builtin_prefetch(na + r * K, 0, 3);
                     _tile_loadd(4, Ap + m * K + k0 + k, K);
                     _tile_loadd(5, bt[0][k / 64], 64);
                     _tile_dpbssd(0, 4, 5);
