@@ -41,6 +41,34 @@ DSV4_AVX512 static inline void dsv4_store_bf16x16(uint16_t *p, __m512 v)
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(dsv4_bf16_bits16(v)));
 }
 
+/* out row q (stride ldo bytes) = lane q of the 16 vectors r */
+DSV4_AVX512 static inline void dsv4_transpose16(const __m512i *r, void *out, int64_t ldo)
+{
+    __m512i t[16], u[16];
+    for (int j = 0; j < 8; j++) {
+        t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+    }
+    /* u[4j + c], 128-bit lane L: column 4L + c of rows 4j..4j+3 */
+    for (int j = 0; j < 4; j++) {
+        u[4 * j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+        u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+    }
+    char *o = out;
+    for (int c = 0; c < 4; c++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+        __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
+        _mm512_storeu_si512(o + (0 + c) * ldo, _mm512_shuffle_i32x4(v0, v2, 0x88));
+        _mm512_storeu_si512(o + (4 + c) * ldo, _mm512_shuffle_i32x4(v0, v2, 0xdd));
+        _mm512_storeu_si512(o + (8 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0x88));
+        _mm512_storeu_si512(o + (12 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0xdd));
+    }
+}
+
 /* dsv4_exp_f32 on 8 doubles holding fp32 values, before the final rounding */
 DSV4_AVX512 static inline __m512d dsv4_exp_pd8(__m512d z)
 {

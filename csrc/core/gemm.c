@@ -42,34 +42,6 @@ static inline void pf_step(struct pf_cursor *c, int64_t n)
 }
 
 #if defined(__x86_64__)
-/* out row q (stride ldo bytes) = lane q of the 16 vectors r */
-AVX512 static void tr16_regs(const __m512i *r, void *out, int64_t ldo)
-{
-    __m512i t[16], u[16];
-    for (int j = 0; j < 8; j++) {
-        t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
-        t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
-    }
-    /* u[4j + c], 128-bit lane L: column 4L + c of rows 4j..4j+3 */
-    for (int j = 0; j < 4; j++) {
-        u[4 * j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
-        u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
-        u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
-        u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
-    }
-    char *o = out;
-    for (int c = 0; c < 4; c++) {
-        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
-        __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
-        __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-        __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
-        _mm512_storeu_si512(o + (0 + c) * ldo, _mm512_shuffle_i32x4(v0, v2, 0x88));
-        _mm512_storeu_si512(o + (4 + c) * ldo, _mm512_shuffle_i32x4(v0, v2, 0xdd));
-        _mm512_storeu_si512(o + (8 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0x88));
-        _mm512_storeu_si512(o + (12 + c) * ldo, _mm512_shuffle_i32x4(v1, v3, 0xdd));
-    }
-}
-
 /* Transpose 16 x 16 dwords: out row q (stride ldo bytes) = column q of the 16 rows of in
  * (stride ldi bytes); rows n >= nrows read as zero. */
 AVX512 static void tr16_dw(const void *in, int64_t ldi, int64_t nrows, void *out, int64_t ldo)
@@ -77,7 +49,7 @@ AVX512 static void tr16_dw(const void *in, int64_t ldi, int64_t nrows, void *out
     __m512i r[16];
     for (int n = 0; n < 16; n++)
         r[n] = n < nrows ? _mm512_loadu_si512((const char *)in + n * ldi) : _mm512_setzero_si512();
-    tr16_regs(r, out, ldo);
+    dsv4_transpose16(r, out, ldo);
 }
 #endif
 
@@ -691,7 +663,7 @@ AVX512 static void xwt_panel_avx512(const bf16_t *W, int64_t ldw, int64_t nr, in
             for (int n = 0; n < 16; n++)
                 r[n] = n < rows ? _mm512_castps_si512(dsv4_load_bf16x16(W + (jb + n) * ldw + k))
                                 : _mm512_setzero_si512();
-            tr16_regs(r, P + k * XWT_NR + jb, XWT_NR * 4);
+            dsv4_transpose16(r, P + k * XWT_NR + jb, XWT_NR * 4);
         }
     }
     if (k16 < kn)

@@ -165,7 +165,7 @@ static void attn_layout(const struct dsv4_sparse_attn_args *a, struct dsv4_arena
         struct attn_thread *th = &s->th[i];
         th->rows = dsv4_take(ar, (size_t)nrow * sizeof(bf16_t *));
         th->tile_end = dsv4_take(ar, (size_t)ntile * sizeof(int64_t));
-        th->q = dsv4_take(ar, (size_t)H * HD * sizeof(float));
+        th->q = dsv4_take(ar, (size_t)dsv4_round_up(H, 32) * HD * sizeof(float));
         th->kt = dsv4_take(ar, (size_t)TILE * HD * sizeof(float));
         th->s = dsv4_take(ar, (size_t)H * TILE * sizeof(float));
         th->o = dsv4_take(ar, (size_t)H * HD * sizeof(float));
@@ -352,6 +352,103 @@ DSV4_AVX512 static void softmax_avx512(float *s, int64_t n, int64_t H, float sca
 }
 #endif
 
+/* ---- scores (§2.2): s[i * H + h] = q_h . k_i, fused steps over k in order ----------
+ * The token's q as the score kernel reads it: scalar, [H][HD]; AVX-512, panels of 32 heads
+ * [H / 32][HD][32] (heads past H zero), so that a row's k-th value meets 32 heads at once. */
+
+static void qk_prep_scalar(const bf16_t *q, int64_t H, int64_t HD, float *qf)
+{
+    dsv4_bf16_row_to_f32(q, H * HD, qf);
+}
+
+static void qk_scalar(const float *qf, const float *kt, int64_t n, int64_t H, int64_t HD, float *s)
+{
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t h = 0; h < H; h++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < HD; k++)
+                acc = fmaf(kt[i * HD + k], qf[h * HD + k], acc);
+            s[i * H + h] = acc;
+        }
+}
+
+#if defined(__x86_64__)
+DSV4_AVX512 static void qk_prep_avx512(const bf16_t *q, int64_t H, int64_t HD, float *qt)
+{
+    const int64_t k16 = HD / 16 * 16;
+    for (int64_t h0 = 0; h0 < H; h0 += 16) {
+        const int64_t rows = H - h0 < 16 ? H - h0 : 16;
+        float *panel = qt + (h0 / 32) * HD * 32 + h0 % 32;
+        for (int64_t k = 0; k < k16; k += 16) {
+            __m512i r[16];
+            for (int j = 0; j < 16; j++)
+                r[j] = j < rows ? _mm512_castps_si512(dsv4_load_bf16x16(q + (h0 + j) * HD + k))
+                                : _mm512_setzero_si512();
+            dsv4_transpose16(r, panel + k * 32, 32 * sizeof(float));
+        }
+        for (int64_t k = k16; k < HD; k++)
+            for (int64_t j = 0; j < 16; j++)
+                panel[k * 32 + j] = j < rows ? dsv4_bf16_to_f32(q[(h0 + j) * HD + k]) : 0.0f;
+    }
+    if (H % 32 && H % 32 <= 16)             /* the last panel's upper half */
+        for (int64_t k = 0; k < HD; k++)
+            memset(qt + (H / 32) * HD * 32 + k * 32 + 16, 0, 16 * sizeof(float));
+}
+
+#define QK_ROW(r)                                                                          \
+    do {                                                                                   \
+        __m512 ar = _mm512_set1_ps(kt[(r) * HD + k]);                                      \
+        c##r##0 = _mm512_fmadd_ps(ar, b0, c##r##0);                                        \
+        c##r##1 = _mm512_fmadd_ps(ar, b1, c##r##1);                                        \
+    } while (0)
+#define QK_STORE(r)                                                                        \
+    do {                                                                                   \
+        if (r < ir) {                                                                      \
+            _mm512_mask_storeu_ps(s + (i0 + r) * H + h0, m0, c##r##0);                     \
+            _mm512_mask_storeu_ps(s + (i0 + r) * H + h0 + 16, m1, c##r##1);                \
+        }                                                                                  \
+    } while (0)
+
+/* 8 rows by 32 heads per block; rows past n (up to the next multiple of 8) are read, not
+ * stored */
+DSV4_AVX512 static void qk_avx512(const float *qt, const float *kt0, int64_t n, int64_t H,
+                                  int64_t HD, float *s)
+{
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        const int ir = n - i0 < 8 ? (int)(n - i0) : 8;
+        const float *kt = kt0 + i0 * HD;
+        for (int64_t h0 = 0; h0 < H; h0 += 32) {
+            const int64_t w = H - h0 < 32 ? H - h0 : 32;
+            const __mmask16 m0 = w >= 16 ? 0xffff : (__mmask16)((1u << w) - 1);
+            const __mmask16 m1 = w >= 32 ? 0xffff : w <= 16 ? 0 : (__mmask16)((1u << (w - 16)) - 1);
+            const float *b = qt + (h0 / 32) * HD * 32;
+            __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+                   c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00,
+                   c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+            for (int64_t k = 0; k < HD; k++) {
+                __m512 b0 = _mm512_loadu_ps(b + k * 32), b1 = _mm512_loadu_ps(b + k * 32 + 16);
+                QK_ROW(0);
+                QK_ROW(1);
+                QK_ROW(2);
+                QK_ROW(3);
+                QK_ROW(4);
+                QK_ROW(5);
+                QK_ROW(6);
+                QK_ROW(7);
+            }
+            QK_STORE(0);
+            QK_STORE(1);
+            QK_STORE(2);
+            QK_STORE(3);
+            QK_STORE(4);
+            QK_STORE(5);
+            QK_STORE(6);
+            QK_STORE(7);
+        }
+    }
+}
+#endif
+
 /* acc = acc * alpha + o * beta (two products, then the sum), over n values */
 static void merge_scalar(float *acc, const float *o, int64_t n, float alpha, float beta)
 {
@@ -437,12 +534,16 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
     const float scale = (float)pow((double)HD, -0.5);
     void (*merge)(float *, const float *, int64_t, float, float) = merge_scalar;
     void (*tile_softmax)(float *, int64_t, int64_t, float, float *, float *) = softmax_scalar;
+    void (*qk_prep)(const bf16_t *, int64_t, int64_t, float *) = qk_prep_scalar;
+    void (*qk)(const float *, const float *, int64_t, int64_t, int64_t, float *) = qk_scalar;
     void (*normalise)(float *, int64_t, float, float *, int64_t) = normalise_scalar;
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         merge = merge_avx512;
         normalise = normalise_avx512;
         tile_softmax = softmax_avx512;
+        qk_prep = qk_prep_avx512;
+        qk = qk_avx512;
     }
 #endif
     int64_t ntile = token_tiles(a, t, th);
@@ -450,14 +551,15 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
         memset(ob, 0, (size_t)H * HD * sizeof(float));
         return;
     }
-    dsv4_bf16_row_to_f32(a->q + t * H * HD, H * HD, th->q);
+    qk_prep(a->q + t * H * HD, H, HD, th->q);
     float *m = th->m, *l = th->l, *mj = th->m + H, *lj = th->l + H;
     for (int64_t j = 0, start = 0; j < ntile; start = th->tile_end[j++]) {
         int64_t n = th->tile_end[j] - start;
         for (int64_t i = 0; i < n; i++)
             dsv4_bf16_row_to_f32(th->rows[start + i], HD, th->kt + i * HD);
+        memset(th->kt + n * HD, 0, (size_t)(dsv4_round_up(n, 8) - n) * HD * sizeof(float));
         /* scores as [row][head]: the softmax then runs with the heads in the lanes */
-        dsv4_dot_fma_grid(th->kt, HD, n, th->q, NULL, HD, H, HD, th->s, H);
+        qk(th->q, th->kt, n, H, HD, th->s);
         float *o = j ? th->oj : th->o;
         tile_softmax(th->s, n, H, scale, mj, lj);
         dsv4_pv(th->s, 1, H, H, th->kt, n, HD, o);
