@@ -2,6 +2,7 @@
  * vectorise freely, because the order is spelled out lane by lane. */
 #include <math.h>
 
+#include "core/avx512.h"
 #include "core/dsv4.h"
 
 #define LANES 16
@@ -230,10 +231,38 @@ float dsv4_quant_row_i8(const float *v, int64_t n, int8_t *q)
     return 1.0f / sq;
 }
 
+#if defined(__x86_64__)
+/* 8 pairs at a time: p1 = v * c, p2 = (v with each pair swapped) * s, then per lane the
+ * sum or difference of the two products, as the scalar form forms it */
+DSV4_AVX512 static int64_t rope_bf16_avx512(const float *v, const float *cos, const float *sin,
+                                            int64_t n, int inverse, bf16_t *y)
+{
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __mmask16 odd = 0xaaaa;
+    int64_t i = 0;
+    for (; 2 * i + 16 <= n; i += 8) {
+        __m512 x = _mm512_loadu_ps(v + 2 * i);
+        __m512 c = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(cos + i)));
+        __m512 sn = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sin + i)));
+        __m512 p1 = _mm512_mul_ps(x, c), p2 = _mm512_mul_ps(_mm512_permute_ps(x, 0xb1), sn);
+        /* forward: even a*c - b*s, odd a*s + b*c; inverse: even a*c + b*s, odd b*c - a*s */
+        __m512 r = inverse ? _mm512_mask_sub_ps(_mm512_add_ps(p1, p2), odd, p1, p2)
+                           : _mm512_mask_add_ps(_mm512_sub_ps(p1, p2), odd, p2, p1);
+        dsv4_store_bf16x16(y + 2 * i, r);
+    }
+    return i;
+}
+#endif
+
 void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t n,
                     int inverse, bf16_t *y)
 {
-    for (int64_t i = 0; i < n / 2; i++) {
+    int64_t i0 = 0;
+#if defined(__x86_64__)
+    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
+        i0 = rope_bf16_avx512(v, cos, sin, n, inverse, y);
+#endif
+    for (int64_t i = i0; i < n / 2; i++) {
         float a = v[2 * i], b = v[2 * i + 1], c = cos[i], s = sin[i];
         float e, o;
         if (!inverse) {
