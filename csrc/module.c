@@ -1085,6 +1085,7 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
 
     struct dsv4_err err = {{0}};
     size_t nscratch = 0;
+    dsv4_call_begin();                /* threads and code path fixed from here to the end */
     if (k->prepare(st, &err, &nscratch)) {
         PyErr_Format(PyExc_ValueError, "%s: %s", k->name, err.msg);
         goto done;
@@ -1140,6 +1141,7 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
             Py_CLEAR(result);
         }
 done:
+    dsv4_call_end();
     for (int j = 0; j < nt; j++)
         Py_XDECREF(outs[j]);
     scratch_give(scratch);

@@ -2,6 +2,7 @@
  * mutable globals of the library. */
 #define _GNU_SOURCE
 #include <omp.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -65,9 +66,14 @@ static int has_avx512(void) { return 0; }
 static int has_amx(void) { return 0; }
 #endif
 
-static enum dsv4_isa g_isa = DSV4_ISA_SCALAR;
-static int g_isa_ready = 0;
-static int g_nthreads = 0;
+/* The settings every call starts from. A call copies them once into its thread's
+ * snapshot (dsv4_call_begin), and everything the calling thread asks afterwards (scratch
+ * sizes in prepare(), team sizes of the parallel regions in run()) comes from that copy,
+ * so a set_num_threads() or set_isa() from another thread takes effect at the next call,
+ * never inside one. */
+static _Atomic int g_isa = -1;          /* -1: not chosen yet */
+static _Atomic int g_nthreads = 0;      /* 0: not chosen yet */
+static _Thread_local int tl_isa = -1, tl_nth = 0;
 
 int dsv4_isa_supported(enum dsv4_isa isa)
 {
@@ -85,31 +91,50 @@ enum dsv4_isa dsv4_best_isa(void)
     return has_amx() ? DSV4_ISA_AMX : has_avx512() ? DSV4_ISA_AVX512 : DSV4_ISA_SCALAR;
 }
 
-enum dsv4_isa dsv4_get_isa(void)
+static enum dsv4_isa global_isa(void)
 {
-    if (!g_isa_ready) {
-        g_isa = dsv4_best_isa();
+    int isa = g_isa;
+    if (isa < 0) {
+        isa = dsv4_best_isa();
         const char *env = getenv("DSV4_ISA");
         if (env && strcmp(env, "scalar") == 0)
-            g_isa = DSV4_ISA_SCALAR;
+            isa = DSV4_ISA_SCALAR;
         else if (env && strcmp(env, "avx512") == 0 && has_avx512())
-            g_isa = DSV4_ISA_AVX512;
-        g_isa_ready = 1;
+            isa = DSV4_ISA_AVX512;
+        int unset = -1;
+        atomic_compare_exchange_strong(&g_isa, &unset, isa);
+        isa = g_isa;
     }
-    return g_isa;
+    return (enum dsv4_isa)isa;
 }
 
-void dsv4_set_isa(enum dsv4_isa isa)
+static int global_threads(void)
 {
-    g_isa = isa;
-    g_isa_ready = 1;
+    int n = g_nthreads;
+    if (n <= 0) {
+        int unset = 0;
+        atomic_compare_exchange_strong(&g_nthreads, &unset, omp_get_max_threads());
+        n = g_nthreads;
+    }
+    return n;
 }
 
-int dsv4_num_threads(void)
-{
-    if (g_nthreads <= 0)
-        g_nthreads = omp_get_max_threads();
-    return g_nthreads;
-}
+enum dsv4_isa dsv4_get_isa(void) { return tl_isa >= 0 ? (enum dsv4_isa)tl_isa : global_isa(); }
+
+void dsv4_set_isa(enum dsv4_isa isa) { g_isa = (int)isa; }
+
+int dsv4_num_threads(void) { return tl_nth > 0 ? tl_nth : global_threads(); }
 
 void dsv4_set_num_threads(int n) { g_nthreads = n; }
+
+void dsv4_call_begin(void)
+{
+    tl_isa = (int)global_isa();
+    tl_nth = global_threads();
+}
+
+void dsv4_call_end(void)
+{
+    tl_isa = -1;
+    tl_nth = 0;
+}

@@ -151,6 +151,11 @@ const char *dsv4_isa_name(enum dsv4_isa isa);
 
 int dsv4_num_threads(void);
 void dsv4_set_num_threads(int n);
+/* A kernel call's thread count and code path are fixed when it begins: between these
+ * two, dsv4_num_threads() and dsv4_get_isa() on the calling thread return the values of
+ * that moment, whatever other threads set meanwhile. */
+void dsv4_call_begin(void);
+void dsv4_call_end(void);
 
 static inline int64_t dsv4_round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 static inline void *dsv4_align_up(void *p, size_t a) { return (void *)(((uintptr_t)p + a - 1) & ~(uintptr_t)(a - 1)); }

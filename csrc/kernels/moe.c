@@ -232,9 +232,15 @@ static int check_gate(const struct dsv4_gate_args *a, const char *where, struct 
     return DSV4_OK;
 }
 
+/* per thread: TB normalised rows, TB logit and score rows, the taken flags, the K chosen scores */
+static int64_t gate_thread_floats(const struct dsv4_gate_args *a)
+{
+    return TB * a->D + 2 * TB * a->E + a->E + a->K;
+}
+
 static size_t gate_scratch(const struct dsv4_gate_args *a)
 {
-    return (size_t)dsv4_num_threads() * (TB * a->D + 2 * TB * a->E + a->E) * sizeof(float);
+    return (size_t)dsv4_num_threads() * gate_thread_floats(a) * sizeof(float);
 }
 
 int dsv4_gate_prepare(void *p, struct dsv4_err *e, size_t *scratch)
@@ -271,8 +277,9 @@ int dsv4_gate(void *p, struct dsv4_err *e)
     #pragma omp parallel num_threads(dsv4_num_threads())
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *xn = (float *)a->scratch + (size_t)ith * (TB * D + 2 * TB * E + E);
+        float *xn = (float *)a->scratch + (size_t)ith * gate_thread_floats(a);
         float *logit = xn + TB * D, *score = logit + TB * E, *taken = score + TB * E;
+        float *v = taken + E;                            /* G7: the K unbiased scores */
         for (int64_t b = ith; b < nb; b += nth) {
             int64_t t0 = b * TB, nx = T - t0 < TB ? T - t0 : TB;
             for (int64_t i = 0; i < nx; i++) {           /* G1, G2 */
@@ -314,7 +321,6 @@ int dsv4_gate(void *p, struct dsv4_err *e)
                         idx[k] = (int32_t)best;
                     }
                 }
-                float v[64];                             /* G7: unbiased scores */
                 for (int64_t k = 0; k < K; k++)
                     v[k] = sc[idx[k]];
                 float den = weight_denominator(v, K);
