@@ -18,8 +18,10 @@
 #include "kernels/kernels.h"
 
 /* UNUSED: accepted for pypto-lib's dicts, checked, not read.
- * INOUT: a state or cache updated in place (pypto-lib's InOut tensors) and returned. */
-enum role { IN, OUT, UNUSED, INOUT };
+ * INOUT: a state or cache updated in place (pypto-lib's InOut tensors) and returned.
+ * STAGE: an intermediate the kernel always writes; an output the Python face returns
+ * under "stages" when asked (stages=True), to find the stage where a result departs. */
+enum role { IN, OUT, UNUSED, INOUT, STAGE };
 enum { OPTIONAL = 1, FLAT = 2 };     /* FLAT: any shape holding prod(dims) elements */
 enum { SC_INT, SC_FLOAT };
 enum { ALL_ROWS = 2 };             /* has_default: None, the kernel uses every row */
@@ -499,6 +501,194 @@ static const struct scalar_spec pix_scalars[] = {
     {"sliding_window", SC_INT, PIX(q.sliding_window), 1, 0, 0.0},
     {0}};
 
+#define BLK(f) offsetof(struct dsv4_attention_block_args, f)
+static const struct dim_spec block_dims[] = {
+    {"T", BLK(T)}, {"HC", BLK(HC)}, {"D", BLK(D)}, {"MIX", BLK(MIX)}, {"HCD", BLK(HCD)},
+    {"HC2", BLK(HC2)}, {"Q", BLK(Q)}, {"HHD", BLK(HHD)}, {"HD", BLK(HD)}, {"H", BLK(H)},
+    {"MAXS", BLK(MAXS)}, {"RW", BLK(RW)}, {"COD", BLK(COD)}, {"CR", BLK(CR)}, {"CNB", BLK(CNB)},
+    {"CPAGE", BLK(CPAGE)}, {"CSW", BLK(CSW)}, {"CNP", BLK(CNP)}, {"IHHD", BLK(IHHD)},
+    {"IH", BLK(IH)}, {"IHD", BLK(IHD)}, {"IOD", BLK(IOD)}, {"IR", BLK(IR)}, {"INB", BLK(INB)},
+    {"IPAGE", BLK(IPAGE)}, {"ISW", BLK(ISW)}, {"INP", BLK(INP)}, {"ISL", BLK(ISL)},
+    {"OB", BLK(OB)}, {"BLOCK", BLK(BLOCK)}, {"B", BLK(B)}, {"OM", BLK(OM)}, {"CB", BLK(CB)},
+    {"CM", BLK(CM)}, {"NI", BLK(NI)}, {"NBT", BLK(NBT)}, {"K", BLK(K)}, {"G", BLK(G)},
+    {"OL", BLK(OL)}, {"OGI", BLK(OGI)}, {"GOL", BLK(GOL)}, {0}};
+#define BLOCK_FRONT                                                                  \
+    {"x_hc", DSV4_BF16, "T,HC,D", IN, 0, BLK(x_hc)},                                 \
+    {"hc_attn_fn", DSV4_F32, "MIX,HCD", IN, 0, BLK(hc_attn_fn)},                     \
+    {"hc_attn_scale", DSV4_F32, "3", IN, 0, BLK(hc_attn_scale)},                     \
+    {"hc_attn_base", DSV4_F32, "MIX", IN, 0, BLK(hc_attn_base)},                     \
+    {"attn_norm_w", DSV4_BF16, "D", IN, 0, BLK(attn_norm_w)},                        \
+    {"wq_a", DSV4_BF16, "D,Q", IN, 0, BLK(wq_a)},                                    \
+    {"wq_b", DSV4_I8, "Q,HHD", IN, 0, BLK(wq_b)},                                    \
+    {"wq_b_scale", DSV4_F32, "HHD", IN, FLAT, BLK(wq_b_scale)},                      \
+    {"wkv", DSV4_BF16, "D,HD", IN, 0, BLK(wkv)},                                     \
+    {"gamma_cq", DSV4_BF16, "Q", IN, 0, BLK(gamma_cq)},                              \
+    {"gamma_ckv", DSV4_BF16, "HD", IN, 0, BLK(gamma_ckv)},                           \
+    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, BLK(freqs_cos)},                      \
+    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, BLK(freqs_sin)}
+#define BLOCK_CMP_WEIGHTS                                                            \
+    {"cmp_wkv", DSV4_BF16, "COD,D", IN, 0, BLK(cmp_wkv)},                            \
+    {"cmp_wgate", DSV4_BF16, "COD,D", IN, 0, BLK(cmp_wgate)},                        \
+    {"cmp_ape", DSV4_F32, "CR,COD", IN, 0, BLK(cmp_ape)},                            \
+    {"cmp_norm_w", DSV4_BF16, "HD", IN, 0, BLK(cmp_norm_w)}
+#define BLOCK_INNER_WEIGHTS                                                          \
+    {"inner_wkv", DSV4_BF16, "IOD,D", IN, 0, BLK(inner_wkv)},                        \
+    {"inner_wgate", DSV4_BF16, "IOD,D", IN, 0, BLK(inner_wgate)},                    \
+    {"inner_ape", DSV4_F32, "IR,IOD", IN, 0, BLK(inner_ape)},                        \
+    {"inner_norm_w", DSV4_BF16, "IHD", IN, 0, BLK(inner_norm_w)}
+#define BLOCK_OPROJ                                                                  \
+    {"attn_sink", DSV4_F32, "H", IN, 0, BLK(attn_sink)},                             \
+    {"wo_a", DSV4_BF16, "G,OL,OGI", IN, 0, BLK(wo_a)},                               \
+    {"wo_b", DSV4_I8, "D,GOL", IN, 0, BLK(wo_b)},                                    \
+    {"wo_b_scale", DSV4_F32, "D", IN, 0, BLK(wo_b_scale)}
+#define BLOCK_STAGES_FRONT                                                           \
+    {"x_out", DSV4_BF16, "T,HC,D", OUT, 0, BLK(x_out)},                              \
+    {"x_mixed", DSV4_BF16, "T,D", STAGE, 0, BLK(x_mixed)},                           \
+    {"post", DSV4_F32, "T,HC", STAGE, 0, BLK(post)},                                 \
+    {"comb", DSV4_F32, "T,HC2", STAGE, 0, BLK(comb)},                                \
+    {"x_normed", DSV4_BF16, "T,D", STAGE, 0, BLK(x_normed)},                         \
+    {"q", DSV4_BF16, "T,H,HD", STAGE, 0, BLK(q)},                                    \
+    {"kv", DSV4_BF16, "T,HD", STAGE, 0, BLK(kv)},                                    \
+    {"qr", DSV4_I8, "T,Q", STAGE, 0, BLK(qr)},                                       \
+    {"qr_scale", DSV4_F32, "T,1", STAGE, 0, BLK(qr_scale)}
+#define STAGE_ATTN_OUT {"attn_out", DSV4_BF16, "T,D", STAGE, 0, BLK(attn_out)}
+#define STAGE_CMP_KV {"compressed_kv", DSV4_F32, "B,1,HD", STAGE, 0, BLK(compressed_kv)}
+#define STAGE_INDICES {"sparse_indices", DSV4_I32, "T,K", STAGE, 0, BLK(sparse_indices)}
+
+static const struct arg_spec dswa_args[] = {
+    BLOCK_FRONT,
+    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
+    {"block_table", DSV4_I32, "B,OM", IN, 0, BLK(ori_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
+    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    BLOCK_OPROJ,
+    {"cmp_kv", DSV4_BF16, "_,_,_,_", UNUSED, OPTIONAL, 0},
+    {"cmp_block_table", DSV4_I32, "_,_", UNUSED, OPTIONAL, 0},
+    BLOCK_STAGES_FRONT, STAGE_INDICES, STAGE_ATTN_OUT,
+    {0}};
+static const struct arg_spec dhca_args[] = {
+    BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
+    {"compress_state", DSV4_F32, "CNB,CPAGE,CSW", INOUT, 0, BLK(compress_state)},
+    {"compress_state_block_table", DSV4_I32, "B,CNP", IN, 0, BLK(compress_state_block_table)},
+    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
+    {"ori_block_table", DSV4_I32, "B,OM", IN, 0, BLK(ori_block_table)},
+    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, BLK(cmp_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
+    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
+    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
+    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    {"kv_seq_lens", DSV4_I32, "B", IN, 0, BLK(kv_seq_lens)},
+    BLOCK_OPROJ,
+    BLOCK_STAGES_FRONT, STAGE_CMP_KV, STAGE_INDICES, STAGE_ATTN_OUT,
+    {0}};
+static const struct arg_spec dcsa_args[] = {
+    BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
+    {"compress_state", DSV4_F32, "CNB,CPAGE,CSW", INOUT, 0, BLK(compress_state)},
+    {"compress_state_block_table", DSV4_I32, "B,CNP", IN, 0, BLK(compress_state_block_table)},
+    {"idx_wq_b", DSV4_I8, "Q,IHHD", IN, 0, BLK(idx_wq_b)},
+    {"idx_wq_b_scale", DSV4_F32, "IHHD", IN, 0, BLK(idx_wq_b_scale)},
+    {"weights_proj", DSV4_BF16, "D,IH", IN, 0, BLK(weights_proj)},
+    {"hadamard_idx", DSV4_BF16, "IHD,IHD", IN, 0, BLK(hadamard_idx)},
+    BLOCK_INNER_WEIGHTS,
+    {"inner_compress_state", DSV4_F32, "INB,IPAGE,ISW", INOUT, 0, BLK(inner_compress_state)},
+    {"inner_compress_state_block_table", DSV4_I32, "B,INP", IN, 0,
+     BLK(inner_compress_state_block_table)},
+    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
+    {"ori_block_table", DSV4_I32, "B,OM", IN, 0, BLK(ori_block_table)},
+    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, BLK(cmp_block_table)},
+    {"idx_kv_cache", DSV4_BF16, "NI,BLOCK,1,IHD", INOUT, 0, BLK(idx_kv_cache)},
+    {"idx_block_table", DSV4_I32, "B,NBT", IN, 0, BLK(idx_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
+    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
+    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, BLK(idx_slot_mapping)},
+    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
+    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(inner_state_slot_mapping)},
+    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    {"kv_seq_lens", DSV4_I32, "B", IN, 0, BLK(kv_seq_lens)},
+    BLOCK_OPROJ,
+    BLOCK_STAGES_FRONT, STAGE_CMP_KV,
+    {"topk_idxs", DSV4_I32, "B,1,ISL", STAGE, 0, BLK(topk_idxs)},
+    STAGE_INDICES, STAGE_ATTN_OUT,
+    {0}};
+static const struct arg_spec pswa_args[] = {
+    BLOCK_FRONT,
+    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
+    {"block_table", DSV4_I32, "OM", IN, 0, BLK(ori_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
+    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, BLK(cmp_sparse_indices)},
+    {"cmp_sparse_lens", DSV4_I32, "T", IN, 0, BLK(cmp_sparse_lens)},
+    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    BLOCK_OPROJ,
+    BLOCK_STAGES_FRONT, STAGE_ATTN_OUT,
+    {0}};
+static const struct arg_spec phca_args[] = {
+    BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
+    {"cmp_kv_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_kv_state)},
+    {"cmp_score_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_score_state)},
+    {"compress_state_block_table", DSV4_I32, "CNP", IN, 0, BLK(compress_state_block_table)},
+    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
+    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
+    {"ori_block_table", DSV4_I32, "OM", IN, 0, BLK(ori_block_table)},
+    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "CM", IN, 0, BLK(cmp_block_table)},
+    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, BLK(cmp_sparse_indices)},
+    {"cmp_sparse_lens", DSV4_I32, "T", IN, 0, BLK(cmp_sparse_lens)},
+    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
+    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
+    BLOCK_OPROJ,
+    BLOCK_STAGES_FRONT, STAGE_ATTN_OUT,
+    {0}};
+static const struct arg_spec pcsa_args[] = {
+    BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
+    {"cmp_kv_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_kv_state)},
+    {"cmp_score_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_score_state)},
+    {"compress_state_block_table", DSV4_I32, "CNP", IN, 0, BLK(compress_state_block_table)},
+    {"hadamard_idx", DSV4_BF16, "IHD,IHD", IN, 0, BLK(hadamard_idx)},
+    {"idx_wq_b", DSV4_I8, "Q,IHHD", IN, 0, BLK(idx_wq_b)},
+    {"idx_wq_b_scale", DSV4_F32, "IHHD", IN, 0, BLK(idx_wq_b_scale)},
+    {"idx_weights_proj", DSV4_BF16, "D,IH", IN, 0, BLK(weights_proj)},
+    BLOCK_INNER_WEIGHTS,
+    {"inner_kv_state", DSV4_F32, "INB,IPAGE,IOD", INOUT, 0, BLK(inner_kv_state)},
+    {"inner_score_state", DSV4_F32, "INB,IPAGE,IOD", INOUT, 0, BLK(inner_score_state)},
+    {"inner_compress_state_block_table", DSV4_I32, "INP", IN, 0,
+     BLK(inner_compress_state_block_table)},
+    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
+    {"ori_block_table", DSV4_I32, "OM", IN, 0, BLK(ori_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
+    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "CM", IN, 0, BLK(cmp_block_table)},
+    {"idx_kv_cache", DSV4_BF16, "NI,BLOCK,1,IHD", INOUT, 0, BLK(idx_kv_cache)},
+    {"idx_block_table", DSV4_I32, "NBT", IN, 0, BLK(idx_block_table)},
+    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
+    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, BLK(idx_slot_mapping)},
+    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
+    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(inner_state_slot_mapping)},
+    BLOCK_OPROJ,
+    BLOCK_STAGES_FRONT,
+    {"topk_idxs", DSV4_I32, "T,ISL", STAGE, 0, BLK(topk_idxs)},
+    STAGE_INDICES,
+    {"sparse_lens", DSV4_I32, "T", STAGE, 0, BLK(sparse_lens)},
+    STAGE_ATTN_OUT,
+    {0}};
+#define BLOCK_SCALARS                                                                      \
+    {"sliding_window", SC_INT, BLK(sliding_window), 1, 0, 0.0},                            \
+    {"qk_rope_head_dim", SC_INT, BLK(qk_rope_head_dim), 1, 0, 0.0},                        \
+    {"index_topk", SC_INT, BLK(index_topk), 1, 0, 0.0},                                    \
+    {"index_n_heads", SC_INT, BLK(index_n_heads), 1, 0, 0.0},                              \
+    {"index_head_dim", SC_INT, BLK(index_head_dim), 1, 0, 0.0},                            \
+    {"max_position_embeddings", SC_INT, BLK(max_position_embeddings), 1, 0, 0.0},          \
+    {"hc_sinkhorn_iters", SC_INT, BLK(hc_sinkhorn_iters), 1, 0, 0.0},                      \
+    {"rms_norm_eps", SC_FLOAT, BLK(rms_norm_eps), 1, 0, 0.0},                              \
+    {"hc_eps", SC_FLOAT, BLK(hc_eps), 1, 0, 0.0},                                          \
+    {"index_weights_scale", SC_FLOAT, BLK(index_weights_scale), 1, 0, 0.0}
+static const struct scalar_spec decode_block_scalars[] = {BLOCK_SCALARS, {0}};
+static const struct scalar_spec prefill_block_scalars[] = {
+    {"num_tokens", SC_INT, BLK(num_tokens), 0, ALL_ROWS, 0.0}, BLOCK_SCALARS, {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -674,6 +864,43 @@ static const struct kernel_spec kernels[] = {
         "each token's queries score the compressed keys it can see (at most two cache blocks), "
         "top-k slots + sliding_window + T for tokens below num_tokens.",
         0, 0, dsv4_prefill_indexer_args, pix_args, pix_scalars, pix_dims, dsv4_prefill_indexer),
+    ROW("decode_attention_swa",
+        "Decode attention block, sliding-window layer (pypto-lib decode_attention_swa): hc_pre, "
+        "RMSNorm, Q/KV projection with the tokens' RoPE rows, attention over the request's ring "
+        "page and the token itself, grouped output projection, then kv into kv_cache at "
+        "ori_slot_mapping, hc_post. cmp_kv and cmp_block_table are accepted and not read.",
+        0, DSV4_BLOCK_SWA, dsv4_attention_block_args, dswa_args, decode_block_scalars,
+        block_dims, dsv4_attention_block),
+    ROW("decode_attention_hca",
+        "Decode attention block, HCA layer (ratio 128): as decode_attention_swa, with the "
+        "ratio-128 compressor (compress_state, and cmp_kv at a window's last token) before the "
+        "attention, which also reads every visible compressed row. One token per request.",
+        0, DSV4_BLOCK_HCA, dsv4_attention_block_args, dhca_args, decode_block_scalars,
+        block_dims, dsv4_attention_block),
+    ROW("decode_attention_csa",
+        "Decode attention block, CSA layer (ratio 4): the ratio-4 compressor, the lightning "
+        "indexer (its inner compressor writes idx_kv_cache) choosing up to index_topk "
+        "compressed rows, attention over the window and the visible chosen rows. One token "
+        "per request.",
+        0, DSV4_BLOCK_CSA, dsv4_attention_block_args, dcsa_args, decode_block_scalars,
+        block_dims, dsv4_attention_block),
+    ROW("prefill_attention_swa",
+        "Prefill attention block, sliding-window layer, one tile of one request: the first "
+        "num_tokens rows attend the rows cmp_sparse_indices / cmp_sparse_lens name; their kv "
+        "goes to kv_cache after the attention.",
+        0, DSV4_BLOCK_SWA | DSV4_BLOCK_PREFILL, dsv4_attention_block_args, pswa_args,
+        prefill_block_scalars, block_dims, dsv4_attention_block),
+    ROW("prefill_attention_hca",
+        "Prefill attention block, HCA layer (T <= 128): the ratio-128 prefill compressor (both "
+        "state pools, cmp_kv) before the attention over the given index rows.",
+        0, DSV4_BLOCK_HCA | DSV4_BLOCK_PREFILL, dsv4_attention_block_args, phca_args,
+        prefill_block_scalars, block_dims, dsv4_attention_block),
+    ROW("prefill_attention_csa",
+        "Prefill attention block, CSA layer: the ratio-4 prefill compressor, the prefill "
+        "indexer, the block's own index rows (window with the tile's overlay, then the visible "
+        "indexer picks, compacted), attention, ring write-back, hc_post.",
+        0, DSV4_BLOCK_CSA | DSV4_BLOCK_PREFILL, dsv4_attention_block_args, pcsa_args,
+        prefill_block_scalars, block_dims, dsv4_attention_block),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",
@@ -738,7 +965,7 @@ static int dtype_matches(PyArrayObject *arr, int dt)
 /* ---- dims ----------------------------------------------------------------- */
 
 #define MAXRANK 8
-#define MAXDIMS 32
+#define MAXDIMS 48
 
 /* A dims string "T,H,HD" -> per axis: dim index >= 0, literal value as -(v+2), or -1 for "_". */
 static int parse_dims(const struct kernel_spec *k, const char *s, int out[MAXRANK])
@@ -995,7 +1222,7 @@ static void scratch_give(void *p)
 
 /* ---- call_kernel ------------------------------------------------------------ */
 
-#define MAXARGS 32
+#define MAXARGS 64
 
 static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t npos, PyObject *kwnames)
 {
@@ -1045,7 +1272,7 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
     for (int pass = 0; pass < 2; pass++)
         for (int j = 0; j < nt; j++) {
             const struct arg_spec *as = &k->args[j];
-            if (as->role == OUT || !!(as->flags & FLAT) != pass)
+            if (as->role == OUT || as->role == STAGE || !!(as->flags & FLAT) != pass)
                 continue;
             if (!tv[j]) {
                 if (as->flags & OPTIONAL)
@@ -1093,7 +1320,7 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
 
     for (int j = 0; j < nt; j++) {
         const struct arg_spec *as = &k->args[j];
-        if (as->role != OUT)
+        if (as->role != OUT && as->role != STAGE)
             continue;
         if (tv[j]) {                      /* caller's buffer, written in place */
             if (check_array(k, as, tv[j], st, bound_by) || check_output(k, j, tv))
@@ -1151,7 +1378,7 @@ done:
 
 /* ---- introspection and settings ----------------------------------------------- */
 
-static const char *role_names[] = {"in", "out", "unused", "inout"};
+static const char *role_names[] = {"in", "out", "unused", "inout", "stage"};
 
 static PyObject *kernel_table(PyObject *self, PyObject *unused)
 {

@@ -20,9 +20,10 @@ def _describe(arg):
 
 def _make(row):
     raw = getattr(_C, row["name"])
-    ins = [a for a in row["args"] if a["role"] != "out"]
+    ins = [a for a in row["args"] if a["role"] not in ("out", "stage")]
     outs = [a for a in row["args"] if a["role"] == "out"]
     inouts = [a for a in row["args"] if a["role"] == "inout"]
+    stage_names = [a["name"] for a in row["args"] if a["role"] == "stage"]
     from_config = [s["name"] for s in row["scalars"] if s["from_config"]]
     user_scalars = [s for s in row["scalars"] if not s["from_config"]]
 
@@ -33,16 +34,25 @@ def _make(row):
     params += [P(a["name"], P.KEYWORD_ONLY, default=None) for a in outs]
     if from_config:
         params.append(P("config", P.KEYWORD_ONLY, default=None))
+    if stage_names:
+        params.append(P("stages", P.KEYWORD_ONLY, default=False))
     sig = inspect.Signature(params)
 
     @functools.wraps(raw)
     def kernel(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
-        kw = {k: v for k, v in bound.arguments.items() if v is not None and k != "config"}
+        kw = {k: v for k, v in bound.arguments.items()
+              if v is not None and k not in ("config", "stages")}
         if from_config:
             cfg = get_config(bound.arguments.get("config"))
             kw.update((name, getattr(cfg, name)) for name in from_config)
-        return raw(**kw)
+        out = raw(**kw)
+        if stage_names:
+            # the kernel writes its intermediates either way: the same bits with or without
+            st = {name: out.pop(name) for name in stage_names}
+            if bound.arguments.get("stages"):
+                out["stages"] = st
+        return out
 
     lines = [row["doc"], "", "Parameters", "----------"]
     for a in ins:
@@ -60,6 +70,9 @@ def _make(row):
     lines += ["", "Returns", "-------", "dict"]
     lines += [f"    {a['name']} : {_describe(a)}" for a in outs]
     lines += [f"    {a['name']} : the argument itself, updated" for a in inouts]
+    if stage_names:
+        lines += ["    stages : dict, with stages=True: the intermediates "
+                  + ", ".join(stage_names)]
     lines += ["", f"The NumPy golden is dsv4.golden.{row['name']}; inputs: dsv4.specs.{row['name']}."]
     kernel.__doc__ = "\n".join(lines)
     kernel.__signature__ = sig
@@ -67,6 +80,7 @@ def _make(row):
     kernel.__module__ = "dsv4"
     kernel.outputs = tuple(a["name"] for a in outs)
     kernel.inouts = tuple(a["name"] for a in inouts)
+    kernel.stages = tuple(stage_names)
     return kernel
 
 

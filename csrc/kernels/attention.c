@@ -234,7 +234,7 @@ int dsv4_sparse_attn_prepare(void *p, struct dsv4_err *e, size_t *scratch)
                  (long long)a->OL, (long long)a->H, (long long)a->G);
         return DSV4_EVALUE;
     }
-    for (int64_t t = 0; t < a->num_tokens; t++) {
+    for (int64_t t = 0; t < a->num_tokens && !a->trusted; t++) {
         int64_t L = a->variant == DSV4_ATTN_PREFILL ? prefill_len(a, t) : a->K;
         for (int64_t k = 0; k < L; k++)
             if (check_raw(a, t, k, e))

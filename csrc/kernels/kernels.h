@@ -233,6 +233,7 @@ struct dsv4_sparse_attn_args {
     int64_t T, H, HD, OB, BLOCK, OM, B, CB, CM, K, RW, G, OL, OGI, D, GOL;
     int64_t num_tokens, sliding_window, index_topk, qk_rope_head_dim;
     int64_t S, PAD;
+    int trusted;                        /* indices built by a block that checked every address */
     int variant;
     int nth;
     void *scratch;
@@ -326,6 +327,81 @@ int dsv4_decode_indexer_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_decode_indexer(void *a, struct dsv4_err *e);
 int dsv4_prefill_indexer_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_prefill_indexer(void *a, struct dsv4_err *e);
+
+/* ---- attention blocks (spec 06 §2-§4): one call runs the leaf kernels in order,
+ *   hc_pre -> rms_norm -> RoPE rows -> qkv_proj_rope -> (HCA, CSA) compressor
+ *   -> (CSA) indexer -> sparse index rows -> sparse attention -> ring write-back -> hc_post
+ * with every cache and state address checked in prepare(). variant = kind | PREFILL.
+ * The stage tensors (x_mixed ... attn_out) are outputs the block always writes. */
+enum { DSV4_BLOCK_SWA = 0, DSV4_BLOCK_HCA = 1, DSV4_BLOCK_CSA = 2, DSV4_BLOCK_PREFILL = 4 };
+struct dsv4_attention_block_args {
+    const bf16_t *x_hc;                         /* [T, HC, D] */
+    const float *hc_attn_fn, *hc_attn_scale, *hc_attn_base;
+    const bf16_t *attn_norm_w, *wq_a;
+    const int8_t *wq_b;
+    const float *wq_b_scale;
+    const bf16_t *wkv, *gamma_cq, *gamma_ckv;
+    const bf16_t *freqs_cos, *freqs_sin;        /* [MAXS, RW] */
+    const bf16_t *cmp_wkv, *cmp_wgate;          /* main compressor */
+    const float *cmp_ape;
+    const bf16_t *cmp_norm_w;
+    float *compress_state;                      /* decode: [kv | score] rows */
+    float *cmp_kv_state, *cmp_score_state;      /* prefill */
+    const int32_t *compress_state_block_table;
+    const int8_t *idx_wq_b;                     /* indexer */
+    const float *idx_wq_b_scale;
+    const bf16_t *weights_proj, *hadamard_idx;
+    const bf16_t *inner_wkv, *inner_wgate;
+    const float *inner_ape;
+    const bf16_t *inner_norm_w;
+    float *inner_compress_state;                /* decode */
+    float *inner_kv_state, *inner_score_state;  /* prefill */
+    const int32_t *inner_compress_state_block_table;
+    bf16_t *kv_cache;                           /* [OB, BLOCK, 1, HD] window ring */
+    const int32_t *ori_block_table;             /* decode [B, OM], prefill [OM] */
+    bf16_t *cmp_kv;                             /* [CB, BLOCK, 1, HD] */
+    const int32_t *cmp_block_table;             /* decode [B, CM], prefill [CM] */
+    bf16_t *idx_kv_cache;                       /* [NI, BLOCK, 1, IHD] */
+    const int32_t *idx_block_table;
+    const int64_t *ori_slot_mapping, *cmp_slot_mapping, *idx_slot_mapping, *state_slot_mapping,
+        *inner_state_slot_mapping;              /* [T] */
+    const int32_t *position_ids;                /* [T] */
+    const int32_t *kv_seq_lens;                 /* [B], decode HCA and CSA */
+    const int32_t *cmp_sparse_indices, *cmp_sparse_lens;   /* prefill SWA and HCA */
+    const float *attn_sink;
+    const bf16_t *wo_a;
+    const int8_t *wo_b;
+    const float *wo_b_scale;
+    bf16_t *x_out;                              /* [T, HC, D] */
+    /* stages */
+    bf16_t *x_mixed, *x_normed, *q, *kv, *attn_out;
+    float *post, *comb, *qr_scale, *compressed_kv;
+    int8_t *qr;
+    int32_t *topk_idxs, *sparse_indices, *sparse_lens;
+    int64_t T, HC, D, MIX, HCD, HC2, Q, HHD, HD, H, MAXS, RW;
+    int64_t COD, CR, CNB, CPAGE, CSW, CNP;
+    int64_t IHHD, IH, IHD, IOD, IR, INB, IPAGE, ISW, INP, ISL;
+    int64_t OB, BLOCK, B, OM, CB, CM, NI, NBT, K, G, OL, OGI, GOL;
+    int64_t num_tokens;
+    int64_t sliding_window, qk_rope_head_dim, index_topk, index_n_heads, index_head_dim,
+        max_position_embeddings, hc_sinkhorn_iters;
+    float rms_norm_eps, hc_eps, index_weights_scale;
+    int variant;
+    void *scratch;
+    /* the leaf kernels, set up by prepare() */
+    struct dsv4_hc_pre_args hp;
+    struct dsv4_rms_norm_args rn;
+    struct dsv4_qkv_proj_rope_args qk;
+    struct dsv4_decode_compressor_args dc;
+    struct dsv4_prefill_compressor_args pc;
+    struct dsv4_decode_indexer_args di;
+    struct dsv4_prefill_indexer_args pi;
+    struct dsv4_sparse_attn_args sa;
+    struct dsv4_hc_post_args ho;
+    size_t leaf_scratch;
+};
+int dsv4_attention_block_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_attention_block(void *a, struct dsv4_err *e);
 
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32, DSV4_CAST_EXP };

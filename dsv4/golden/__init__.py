@@ -7,6 +7,10 @@ from . import numerics
 from .attention import (
     decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
 )
+from .blocks import (
+    decode_attention_csa, decode_attention_hca, decode_attention_swa, prefill_attention_csa,
+    prefill_attention_hca, prefill_attention_swa,
+)
 from .compressor import (
     decode_compressor_ratio4, decode_compressor_ratio128, prefill_compressor_ratio4,
     prefill_compressor_ratio128,
@@ -25,4 +29,6 @@ __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "pre
            "decode_compressor_ratio4", "decode_compressor_ratio128", "prefill_compressor_ratio4",
            "prefill_compressor_ratio128",
            "decode_indexer_compressor", "prefill_indexer_compressor", "decode_indexer",
-           "prefill_indexer"]
+           "prefill_indexer", "decode_attention_swa", "decode_attention_hca",
+           "decode_attention_csa", "prefill_attention_swa", "prefill_attention_hca",
+           "prefill_attention_csa"]
