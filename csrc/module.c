@@ -24,6 +24,7 @@
 enum role { IN, OUT, UNUSED, INOUT, STAGE };
 enum { OPTIONAL = 1, FLAT = 2 };     /* FLAT: any shape holding prod(dims) elements */
 enum { SC_INT, SC_FLOAT };
+enum { FROM_CONFIG = 1, PER_LAYER = 2 };   /* PER_LAYER: the config's <name>s[layer_id] */
 enum { ALL_ROWS = 2 };             /* has_default: None, the kernel uses every row */
 
 struct arg_spec { const char *name; int dtype; const char *dims; int role; int flags; size_t off; };
@@ -689,6 +690,174 @@ static const struct scalar_spec decode_block_scalars[] = {BLOCK_SCALARS, {0}};
 static const struct scalar_spec prefill_block_scalars[] = {
     {"num_tokens", SC_INT, BLK(num_tokens), 0, ALL_ROWS, 0.0}, BLOCK_SCALARS, {0}};
 
+#define LAY(f) offsetof(struct dsv4_layer_args, f)
+static const struct dim_spec layer_dims[] = {
+    {"R", LAY(R)}, {"NREQ", LAY(NREQ)},
+    {"T", LAY(blk.T)}, {"HC", LAY(blk.HC)}, {"D", LAY(blk.D)}, {"MIX", LAY(blk.MIX)},
+    {"HCD", LAY(blk.HCD)}, {"Q", LAY(blk.Q)}, {"HHD", LAY(blk.HHD)}, {"HD", LAY(blk.HD)},
+    {"H", LAY(blk.H)}, {"MAXS", LAY(blk.MAXS)}, {"RW", LAY(blk.RW)}, {"IHHD", LAY(blk.IHHD)},
+    {"IH", LAY(blk.IH)}, {"IHD", LAY(blk.IHD)}, {"IOD", LAY(blk.IOD)}, {"IR", LAY(blk.IR)},
+    {"INB", LAY(blk.INB)}, {"IPAGE", LAY(blk.IPAGE)}, {"ISW", LAY(blk.ISW)}, {"INP", LAY(blk.INP)},
+    {"OB", LAY(blk.OB)}, {"BLOCK", LAY(blk.BLOCK)}, {"B", LAY(blk.B)}, {"OM", LAY(blk.OM)},
+    {"CB", LAY(blk.CB)}, {"CM", LAY(blk.CM)}, {"NI", LAY(blk.NI)}, {"NBT", LAY(blk.NBT)},
+    {"K", LAY(blk.K)}, {"G", LAY(blk.G)}, {"OL", LAY(blk.OL)}, {"OGI", LAY(blk.OGI)},
+    {"GOL", LAY(blk.GOL)},
+    {"HOD", LAY(hca.OD)}, {"HR", LAY(hca.R)}, {"HNB", LAY(hca.NB)}, {"HPAGE", LAY(hca.PAGE)},
+    {"HSW", LAY(hca.SW)}, {"HNP", LAY(hca.NP)},
+    {"COD", LAY(csa.OD)}, {"CR", LAY(csa.R)}, {"CNB", LAY(csa.NB)}, {"CPAGE", LAY(csa.PAGE)},
+    {"CSW", LAY(csa.SW)}, {"CNP", LAY(csa.NP)},
+    {"E", LAY(moe.E)}, {"V", LAY(moe.V)}, {"TOPK", LAY(moe.K)}, {"EL", LAY(moe.EL)},
+    {"I", LAY(moe.IE)}, {0}};
+#define LAYER_FRONT                                                                  \
+    {"hc_attn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, LAY(blk.hc_attn_fn)},               \
+    {"hc_attn_scale", DSV4_F32, "R,3", IN, 0, LAY(blk.hc_attn_scale)},               \
+    {"hc_attn_base", DSV4_F32, "R,MIX", IN, 0, LAY(blk.hc_attn_base)},               \
+    {"attn_norm_w", DSV4_BF16, "R,D", IN, 0, LAY(blk.attn_norm_w)},                  \
+    {"wq_a", DSV4_BF16, "R,D,Q", IN, 0, LAY(blk.wq_a)},                              \
+    {"wq_b", DSV4_I8, "R,Q,HHD", IN, 0, LAY(blk.wq_b)},                              \
+    {"wq_b_scale", DSV4_F32, "R,HHD", IN, 0, LAY(blk.wq_b_scale)},                   \
+    {"wkv", DSV4_BF16, "R,D,HD", IN, 0, LAY(blk.wkv)},                               \
+    {"gamma_cq", DSV4_BF16, "R,Q", IN, 0, LAY(blk.gamma_cq)},                        \
+    {"gamma_ckv", DSV4_BF16, "R,HD", IN, 0, LAY(blk.gamma_ckv)},                     \
+    {"freqs_cos", DSV4_BF16, "R,MAXS,RW", IN, 0, LAY(blk.freqs_cos)},                \
+    {"freqs_sin", DSV4_BF16, "R,MAXS,RW", IN, 0, LAY(blk.freqs_sin)}
+#define LAYER_OPROJ                                                                  \
+    {"attn_sink", DSV4_F32, "R,H", IN, 0, LAY(blk.attn_sink)},                       \
+    {"wo_a", DSV4_BF16, "R,G,OL,OGI", IN, 0, LAY(blk.wo_a)},                         \
+    {"wo_b", DSV4_I8, "R,D,GOL", IN, 0, LAY(blk.wo_b)},                              \
+    {"wo_b_scale", DSV4_F32, "R,D", IN, 0, LAY(blk.wo_b_scale)}
+#define LAYER_CMP(P, X, OD, RR, NB, PAGE, W)                                         \
+    {P "cmp_wkv", DSV4_BF16, "R," OD ",D", IN, 0, LAY(X.wkv)},                        \
+    {P "cmp_wgate", DSV4_BF16, "R," OD ",D", IN, 0, LAY(X.wgate)},                    \
+    {P "cmp_ape", DSV4_F32, "R," RR "," OD, IN, 0, LAY(X.ape)},                       \
+    {P "cmp_norm_w", DSV4_BF16, "R,HD", IN, 0, LAY(X.norm_w)}
+#define LAYER_CSA_INDEXER(WP)                                                        \
+    {"csa_idx_wq_b", DSV4_I8, "R,Q,IHHD", IN, 0, LAY(blk.idx_wq_b)},                 \
+    {"csa_idx_wq_b_scale", DSV4_F32, "R,IHHD", IN, 0, LAY(blk.idx_wq_b_scale)},      \
+    {"csa_weights_proj", DSV4_BF16, "R,D,IH", IN, 0, LAY(blk.weights_proj)}
+#define LAYER_INNER                                                                  \
+    {"csa_inner_wkv", DSV4_BF16, "R,IOD,D", IN, 0, LAY(blk.inner_wkv)},              \
+    {"csa_inner_wgate", DSV4_BF16, "R,IOD,D", IN, 0, LAY(blk.inner_wgate)},          \
+    {"csa_inner_ape", DSV4_F32, "R,IR,IOD", IN, 0, LAY(blk.inner_ape)},              \
+    {"csa_inner_norm_w", DSV4_BF16, "R,IHD", IN, 0, LAY(blk.inner_norm_w)}
+#define LAYER_MOE                                                                    \
+    {"hc_ffn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, LAY(moe.hc_ffn_fn)},                 \
+    {"hc_ffn_scale", DSV4_F32, "R,3", IN, 0, LAY(moe.hc_ffn_scale)},                 \
+    {"hc_ffn_base", DSV4_F32, "R,MIX", IN, 0, LAY(moe.hc_ffn_base)},                 \
+    {"norm_w", DSV4_BF16, "R,D", IN, 0, LAY(moe.norm_w)},                            \
+    {"gate_w", DSV4_F32, "R,E,D", IN, 0, LAY(moe.gate_w)},                           \
+    {"gate_bias", DSV4_F32, "R,E", IN, 0, LAY(moe.gate_bias)},                       \
+    {"tid2eid", DSV4_I32, "R,V,TOPK", IN, 0, LAY(moe.tid2eid)},                      \
+    {"input_ids", DSV4_I64, "R,T", IN, 0, LAY(moe.input_ids)},                       \
+    {"routed_w1", DSV4_I8, "R,EL,I,D", IN, 0, LAY(moe.routed_w1)},                   \
+    {"routed_w1_scale", DSV4_F32, "R,EL,I", IN, 0, LAY(moe.routed_w1_scale)},        \
+    {"routed_w3", DSV4_I8, "R,EL,I,D", IN, 0, LAY(moe.routed_w3)},                   \
+    {"routed_w3_scale", DSV4_F32, "R,EL,I", IN, 0, LAY(moe.routed_w3_scale)},        \
+    {"routed_w2", DSV4_I8, "R,EL,D,I", IN, 0, LAY(moe.routed_w2)},                   \
+    {"routed_w2_scale", DSV4_F32, "R,EL,D", IN, 0, LAY(moe.routed_w2_scale)},        \
+    {"shared_w1", DSV4_I8, "R,I,D", IN, 0, LAY(moe.shared_w1)},                      \
+    {"shared_w1_scale", DSV4_F32, "R,I", IN, 0, LAY(moe.shared_w1_scale)},           \
+    {"shared_w3", DSV4_I8, "R,I,D", IN, 0, LAY(moe.shared_w3)},                      \
+    {"shared_w3_scale", DSV4_F32, "R,I", IN, 0, LAY(moe.shared_w3_scale)},           \
+    {"shared_w2", DSV4_I8, "R,D,I", IN, 0, LAY(moe.shared_w2)},                      \
+    {"shared_w2_scale", DSV4_F32, "R,D", IN, 0, LAY(moe.shared_w2_scale)},           \
+    {"x_next", DSV4_BF16, "R,T,HC,D", OUT, 0, LAY(moe.x_next)},                      \
+    {"x_attn", DSV4_BF16, "R,T,HC,D", STAGE, 0, LAY(x_attn)}
+
+static const struct arg_spec dlayer_args[] = {
+    {"x_hc", DSV4_BF16, "R,T,HC,D", IN, 0, LAY(blk.x_hc)},
+    LAYER_FRONT,
+    {"kv_cache", DSV4_BF16, "R,OB,BLOCK,1,HD", INOUT, 0, LAY(blk.kv_cache)},
+    {"block_table", DSV4_I32, "R,B,OM", IN, 0, LAY(blk.ori_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.ori_slot_mapping)},
+    {"hca_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.cmp_slot_mapping)},
+    {"hca_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.state_slot_mapping)},
+    {"csa_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.cmp_slot_mapping)},
+    {"csa_idx_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.idx_slot_mapping)},
+    {"csa_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.state_slot_mapping)},
+    {"csa_inner_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.inner_state_slot_mapping)},
+    {"position_ids", DSV4_I32, "R,T", IN, 0, LAY(blk.position_ids)},
+    {"kv_seq_lens", DSV4_I32, "R,B", IN, 0, LAY(blk.kv_seq_lens)},
+    LAYER_OPROJ,
+    LAYER_CMP("hca_", hca, "HOD", "HR", "HNB", "HPAGE", "HSW"),
+    {"hca_compress_state", DSV4_F32, "R,HNB,HPAGE,HSW", INOUT, 0, LAY(hca.state)},
+    {"hca_compress_state_block_table", DSV4_I32, "R,B,HNP", IN, 0, LAY(hca.table)},
+    LAYER_CMP("csa_", csa, "COD", "CR", "CNB", "CPAGE", "CSW"),
+    {"csa_compress_state", DSV4_F32, "R,CNB,CPAGE,CSW", INOUT, 0, LAY(csa.state)},
+    {"csa_compress_state_block_table", DSV4_I32, "R,B,CNP", IN, 0, LAY(csa.table)},
+    LAYER_CSA_INDEXER(0),
+    {"csa_hadamard_idx", DSV4_BF16, "R,IHD,IHD", IN, 0, LAY(blk.hadamard_idx)},
+    LAYER_INNER,
+    {"csa_inner_compress_state", DSV4_F32, "R,INB,IPAGE,ISW", INOUT, 0, LAY(blk.inner_compress_state)},
+    {"csa_inner_compress_state_block_table", DSV4_I32, "R,B,INP", IN, 0,
+     LAY(blk.inner_compress_state_block_table)},
+    {"cmp_kv", DSV4_BF16, "R,CB,BLOCK,1,HD", INOUT, 0, LAY(blk.cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "R,B,CM", IN, 0, LAY(blk.cmp_block_table)},
+    {"idx_kv_cache", DSV4_BF16, "R,NI,BLOCK,1,IHD", INOUT, 0, LAY(blk.idx_kv_cache)},
+    {"idx_block_table", DSV4_I32, "R,B,NBT", IN, 0, LAY(blk.idx_block_table)},
+    LAYER_MOE,
+    {0}};
+static const struct arg_spec player_args[] = {
+    {"x_hc", DSV4_BF16, "R,T,HC,D", IN, 0, LAY(blk.x_hc)},
+    {"seq_lens", DSV4_I32, "R,NREQ", IN, 0, LAY(seq_lens)},
+    {"chunk_lens", DSV4_I32, "R,NREQ", IN, 0, LAY(chunk_lens)},
+    {"chunk_offsets", DSV4_I32, "R,NREQ", IN, 0, LAY(chunk_offsets)},
+    {"chunk_tile_offsets", DSV4_I32, "R,NREQ", IN, 0, LAY(chunk_tile_offsets)},
+    LAYER_FRONT,
+    LAYER_CMP("hca_", hca, "HOD", "HR", "HNB", "HPAGE", "HSW"),
+    {"hca_cmp_kv_state", DSV4_F32, "R,HNB,HPAGE,HOD", INOUT, 0, LAY(hca.kv_state)},
+    {"hca_cmp_score_state", DSV4_F32, "R,HNB,HPAGE,HOD", INOUT, 0, LAY(hca.score_state)},
+    {"hca_compress_state_block_table", DSV4_I32, "R,HNP", IN, 0, LAY(hca.table)},
+    LAYER_CMP("csa_", csa, "COD", "CR", "CNB", "CPAGE", "CSW"),
+    {"csa_cmp_kv_state", DSV4_F32, "R,CNB,CPAGE,COD", INOUT, 0, LAY(csa.kv_state)},
+    {"csa_cmp_score_state", DSV4_F32, "R,CNB,CPAGE,COD", INOUT, 0, LAY(csa.score_state)},
+    {"csa_compress_state_block_table", DSV4_I32, "R,CNP", IN, 0, LAY(csa.table)},
+    {"csa_hadamard_idx", DSV4_BF16, "R,IHD,IHD", IN, 0, LAY(blk.hadamard_idx)},
+    LAYER_CSA_INDEXER(0),
+    LAYER_INNER,
+    {"csa_inner_kv_state", DSV4_F32, "R,INB,IPAGE,IOD", INOUT, 0, LAY(blk.inner_kv_state)},
+    {"csa_inner_score_state", DSV4_F32, "R,INB,IPAGE,IOD", INOUT, 0, LAY(blk.inner_score_state)},
+    {"csa_inner_compress_state_block_table", DSV4_I32, "R,INP", IN, 0,
+     LAY(blk.inner_compress_state_block_table)},
+    {"kv_cache", DSV4_BF16, "R,OB,BLOCK,1,HD", INOUT, 0, LAY(blk.kv_cache)},
+    {"ori_block_table", DSV4_I32, "R,OM", IN, 0, LAY(blk.ori_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.ori_slot_mapping)},
+    {"cmp_kv", DSV4_BF16, "R,CB,BLOCK,1,HD", INOUT, 0, LAY(blk.cmp_kv)},
+    {"cmp_block_table", DSV4_I32, "R,CM", IN, 0, LAY(blk.cmp_block_table)},
+    {"cmp_sparse_indices", DSV4_I32, "R,T,K", IN, 0, LAY(blk.cmp_sparse_indices)},
+    {"cmp_sparse_lens", DSV4_I32, "R,T", IN, 0, LAY(blk.cmp_sparse_lens)},
+    {"idx_kv_cache", DSV4_BF16, "R,NI,BLOCK,1,IHD", INOUT, 0, LAY(blk.idx_kv_cache)},
+    {"idx_block_table", DSV4_I32, "R,NBT", IN, 0, LAY(blk.idx_block_table)},
+    {"position_ids", DSV4_I32, "R,T", IN, 0, LAY(blk.position_ids)},
+    {"hca_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.cmp_slot_mapping)},
+    {"hca_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.state_slot_mapping)},
+    {"csa_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.cmp_slot_mapping)},
+    {"csa_idx_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.idx_slot_mapping)},
+    {"csa_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.state_slot_mapping)},
+    {"csa_inner_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.inner_state_slot_mapping)},
+    LAYER_OPROJ,
+    LAYER_MOE,
+    {0}};
+#define LAYER_SCALARS                                                                      \
+    {"layer_id", SC_INT, LAY(layer_id), 0, 0, 0.0},                                        \
+    {"compress_ratio", SC_INT, LAY(compress_ratio), PER_LAYER, 0, 0.0},                    \
+    {"num_hidden_layers", SC_INT, LAY(num_hidden_layers), 1, 0, 0.0},                      \
+    {"sliding_window", SC_INT, LAY(blk.sliding_window), 1, 0, 0.0},                        \
+    {"qk_rope_head_dim", SC_INT, LAY(blk.qk_rope_head_dim), 1, 0, 0.0},                    \
+    {"index_topk", SC_INT, LAY(blk.index_topk), 1, 0, 0.0},                                \
+    {"index_n_heads", SC_INT, LAY(blk.index_n_heads), 1, 0, 0.0},                          \
+    {"index_head_dim", SC_INT, LAY(blk.index_head_dim), 1, 0, 0.0},                        \
+    {"max_position_embeddings", SC_INT, LAY(blk.max_position_embeddings), 1, 0, 0.0},      \
+    {"hc_sinkhorn_iters", SC_INT, LAY(blk.hc_sinkhorn_iters), 1, 0, 0.0},                  \
+    {"rms_norm_eps", SC_FLOAT, LAY(blk.rms_norm_eps), 1, 0, 0.0},                          \
+    {"hc_eps", SC_FLOAT, LAY(blk.hc_eps), 1, 0, 0.0},                                      \
+    {"index_weights_scale", SC_FLOAT, LAY(blk.index_weights_scale), 1, 0, 0.0},            \
+    {"num_hash_layers", SC_INT, LAY(moe.num_hash_layers), 1, 0, 0.0},                      \
+    {"num_experts_per_tok", SC_INT, LAY(moe.num_experts_per_tok), 1, 0, 0.0},              \
+    {"routed_scaling_factor", SC_FLOAT, LAY(moe.routed_scaling_factor), 1, 0, 0.0},        \
+    {"swiglu_limit", SC_FLOAT, LAY(moe.swiglu_limit), 1, 0, 0.0}
+static const struct scalar_spec layer_scalars[] = {LAYER_SCALARS, {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -901,6 +1070,19 @@ static const struct kernel_spec kernels[] = {
         "indexer picks, compacted), attention, ring write-back, hc_post.",
         0, DSV4_BLOCK_CSA | DSV4_BLOCK_PREFILL, dsv4_attention_block_args, pcsa_args,
         prefill_block_scalars, block_dims, dsv4_attention_block),
+    ROW("decode_layer",
+        "Decode layer (pypto-lib decode_layer) on R ranks: the attention block of layer_id's "
+        "kind (config compress_ratios: 0 SWA, 128 HCA, 4 CSA) on each rank's requests and "
+        "caches, then the MoE across the ranks (hash routing below num_hash_layers). The "
+        "caches and states of the active kind are updated in place.",
+        0, 0, dsv4_layer_args, dlayer_args, layer_scalars, layer_dims, dsv4_layer),
+    ROW("prefill_layer",
+        "Packed, chunked prefill layer (pypto-lib prefill_layer): requests of chunk_lens new "
+        "tokens after seq_lens - chunk_lens of history, each padded to whole tiles of 128 rows "
+        "from chunk_offsets; per request, per tile, per rank the attention block over the "
+        "request's own slice of every cache and state, then the MoE on the tile. Padding rows "
+        "of x_next are zero.",
+        0, 1, dsv4_layer_args, player_args, layer_scalars, layer_dims, dsv4_layer),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",
@@ -965,7 +1147,7 @@ static int dtype_matches(PyArrayObject *arr, int dt)
 /* ---- dims ----------------------------------------------------------------- */
 
 #define MAXRANK 8
-#define MAXDIMS 48
+#define MAXDIMS 64
 
 /* A dims string "T,H,HD" -> per axis: dim index >= 0, literal value as -(v+2), or -1 for "_". */
 static int parse_dims(const struct kernel_spec *k, const char *s, int out[MAXRANK])
@@ -1222,7 +1404,7 @@ static void scratch_give(void *p)
 
 /* ---- call_kernel ------------------------------------------------------------ */
 
-#define MAXARGS 64
+#define MAXARGS 96
 
 static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t npos, PyObject *kwnames)
 {
@@ -1404,9 +1586,11 @@ static PyObject *kernel_table(PyObject *self, PyObject *unused)
                                  ? (s->type == SC_INT ? PyLong_FromLongLong((long long)s->dflt)
                                                       : PyFloat_FromDouble(s->dflt))
                                  : Py_NewRef(Py_None);
-            PyObject *t = Py_BuildValue("{s:s,s:s,s:O,s:O,s:N}", "name", s->name, "type",
+            PyObject *t = Py_BuildValue("{s:s,s:s,s:O,s:O,s:O,s:N}", "name", s->name, "type",
                                         s->type == SC_INT ? "int" : "float", "from_config",
-                                        s->from_config ? Py_True : Py_False, "has_default",
+                                        s->from_config ? Py_True : Py_False, "per_layer",
+                                        s->from_config == PER_LAYER ? Py_True : Py_False,
+                                        "has_default",
                                         s->has_default ? Py_True : Py_False, "default", dflt);
             if (!t || PyList_Append(scalars, t))
                 Py_CLEAR(scalars);

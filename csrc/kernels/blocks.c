@@ -195,16 +195,6 @@ static void setup_leaves(struct dsv4_attention_block_args *a, const struct block
 
 /* ---- checks ---------------------------------------------------------------------- */
 
-/* a leaf's message, prefixed by the stage that raised it */
-static int fail(struct dsv4_err *e, const char *stage, const struct dsv4_err *inner)
-{
-    size_t n = (size_t)snprintf(e->msg, sizeof e->msg, "%s: ", stage);
-    size_t room = sizeof e->msg - n - 1, len = strlen(inner->msg);
-    memcpy(e->msg + n, inner->msg, len < room ? len : room);
-    e->msg[n + (len < room ? len : room)] = 0;
-    return DSV4_EVALUE;
-}
-
 /* entries j < pages of a block-table row (two_d: row b of [rows, width]) must address
  * [0, pool) */
 static int check_pages(const int32_t *table, int64_t b, int two_d, int64_t width, int64_t pages,
@@ -307,7 +297,7 @@ static int prepare_leaves(struct dsv4_attention_block_args *a, const struct bloc
 #define LEAF(name, fn, arg)                                   \
     do {                                                      \
         if (fn##_prepare(arg, &in, &n))                       \
-            return fail(e, name, &in);                        \
+            return dsv4_err_prefixed(e, name, &in);                        \
         *most = n > *most ? n : *most;                        \
     } while (0)
     LEAF("hc_pre", dsv4_hc_pre, &a->hp);

@@ -14,6 +14,19 @@
 enum { DSV4_OK = 0, DSV4_EVALUE = 1 };
 struct dsv4_err { char msg[512]; };
 
+/* e = "<prefix>: <inner's message>", cut to fit */
+static inline int dsv4_err_prefixed(struct dsv4_err *e, const char *prefix, const struct dsv4_err *inner)
+{
+    size_t n = strlen(prefix) < sizeof e->msg - 3 ? strlen(prefix) : sizeof e->msg - 3;
+    memcpy(e->msg, prefix, n);
+    e->msg[n++] = ':';
+    e->msg[n++] = ' ';
+    size_t len = strlen(inner->msg), room = sizeof e->msg - n - 1;
+    memcpy(e->msg + n, inner->msg, len < room ? len : room);
+    e->msg[n + (len < room ? len : room)] = 0;
+    return DSV4_EVALUE;
+}
+
 /* An optional num_tokens: INT64_MAX (not given) means all T rows; else it must lie in [0, T]. */
 int dsv4_resolve_num_tokens(int64_t *num_tokens, int64_t T, struct dsv4_err *e);
 
@@ -402,6 +415,34 @@ struct dsv4_attention_block_args {
 };
 int dsv4_attention_block_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_attention_block(void *a, struct dsv4_err *e);
+
+/* ---- layers (spec 06 §5, §6): the attention block of the layer's kind on every rank,
+ * then the MoE across the R ranks. compress_ratio (0, 4, 128) is the layer's entry of
+ * the config's compress_ratios, -1 if layer_id is outside them. blk holds rank 0's view
+ * of the attention tensors (the binding fills it); the HCA and CSA compressors' tensors
+ * have names of their own, one set of each. */
+struct dsv4_layer_cmp {
+    const bf16_t *wkv, *wgate;
+    const float *ape;
+    const bf16_t *norm_w;
+    float *state, *kv_state, *score_state;  /* decode: state; prefill: kv_state, score_state */
+    const int32_t *table;
+    const int64_t *cmp_slot_mapping, *state_slot_mapping;
+    int64_t OD, R, NB, PAGE, SW, NP;
+};
+struct dsv4_layer_args {
+    struct dsv4_attention_block_args blk;
+    struct dsv4_layer_cmp hca, csa;
+    struct dsv4_moe_args moe;
+    const int32_t *seq_lens, *chunk_lens, *chunk_offsets, *chunk_tile_offsets;   /* prefill */
+    bf16_t *x_attn;                         /* stage: [R, T, HC, D] the attention outputs */
+    int64_t R, NREQ, layer_id, compress_ratio, num_hidden_layers;
+    size_t stage_size, work_size;           /* set by prepare() */
+    int variant;                            /* 0 decode, 1 prefill */
+    void *scratch;
+};
+int dsv4_layer_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_layer(void *a, struct dsv4_err *e);
 
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32, DSV4_CAST_EXP };

@@ -5,11 +5,16 @@ Also, per kernel, pypto-lib's comparator for each output (COMPARATORS) and the
 deployment cases `python -m dsv4 check` runs (CASES).
 """
 from . import attention, hc, qkv
+from . import blocks as _blocks
 from . import compressor as _compressor
 from . import indexer as _indexer
 from . import moe as _moe
 from .attention import (
     decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
+)
+from .blocks import (
+    decode_attention_csa, decode_attention_hca, decode_attention_swa, prefill_attention_csa,
+    prefill_attention_hca, prefill_attention_swa,
 )
 from .compressor import (
     decode_compressor_ratio4, decode_compressor_ratio128, prefill_compressor_ratio4,
@@ -23,9 +28,10 @@ from .moe import expert_routed, expert_shared, gate, moe
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
 COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS,
-               **attention.COMPARATORS, **_indexer.COMPARATORS, **_compressor.COMPARATORS}
+               **attention.COMPARATORS, **_indexer.COMPARATORS, **_compressor.COMPARATORS,
+               **_blocks.COMPARATORS}
 CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES, **attention.CASES, **_indexer.CASES,
-         **_compressor.CASES}
+         **_compressor.CASES, **_blocks.CASES}
 
 __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
            "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
@@ -33,4 +39,6 @@ __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_pro
            "decode_sparse_attn_swa", "decode_indexer_compressor", "prefill_indexer_compressor",
            "decode_indexer", "prefill_indexer",
            "decode_compressor_ratio4", "decode_compressor_ratio128", "prefill_compressor_ratio4",
-           "prefill_compressor_ratio128", "COMPARATORS", "CASES"]
+           "prefill_compressor_ratio128", "decode_attention_swa", "decode_attention_hca",
+           "decode_attention_csa", "prefill_attention_swa", "prefill_attention_hca",
+           "prefill_attention_csa", "COMPARATORS", "CASES"]
