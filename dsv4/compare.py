@@ -165,11 +165,13 @@ def allclose(atol=1e-5, rtol=1e-5, max_show=10):
     return Comparator(f"allclose(atol={atol}, rtol={rtol})", run)
 
 
-def ratio_allclose(atol=None, rtol=None, max_error_ratio=0.005, max_show=10):
+def ratio_allclose(atol=None, rtol=None, max_error_ratio=0.005, max_show=10, same_inf=False):
     """Bad iff |a-e| > atol + rtol*|e| (strict); pass iff #bad <= round(max_error_ratio*numel).
 
     NaN/Inf in actual fails outright; NaN in expected compares false, so it is never bad.
     atol/rtol of None take the harness values passed at call time (else 1e-5).
+    same_inf=True (dsv4's, for states that mark empty rows -inf): an infinity equal to the
+    expected one matches.
     """
     if not 0.0 <= max_error_ratio <= 1.0:
         raise ValueError(f"max_error_ratio must be in [0, 1], got {max_error_ratio}")
@@ -178,6 +180,9 @@ def ratio_allclose(atol=None, rtol=None, max_error_ratio=0.005, max_show=10):
         at = atol if atol is not None else (h_atol if h_atol is not None else 1e-5)
         rt = rtol if rtol is not None else (h_rtol if h_rtol is not None else 1e-5)
         a, e = _f32(a), _f32(e)
+        if same_inf:
+            same = np.isinf(a) & (a == e)
+            a, e = np.where(same, _F(0), a), np.where(same, _F(0), e)
         if not np.isfinite(a).all():
             return _nonfinite_fail(ctx, a, e, max_show)
         d = np.abs(a - e)
@@ -187,7 +192,9 @@ def ratio_allclose(atol=None, rtol=None, max_error_ratio=0.005, max_show=10):
         note = f"atol={at} rtol={rt}; allowed = round({max_error_ratio} * {a.size}) = {threshold}"
         return _make(ctx, int(bad.sum()) <= threshold, [note], mask=bad, allowed=threshold,
                      a=a, e=e, d=d, tol=tol, key=d, max_show=max_show)
-    return Comparator(f"ratio_allclose(atol={atol}, rtol={rtol}, max_error_ratio={max_error_ratio})", run)
+    extra = ", same_inf=True" if same_inf else ""
+    return Comparator(f"ratio_allclose(atol={atol}, rtol={rtol}, max_error_ratio={max_error_ratio}{extra})",
+                      run)
 
 
 def _floored_rdiff(a, e, d, thd):
