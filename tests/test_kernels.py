@@ -195,7 +195,8 @@ def test_inputs_unchanged(kernel):
 def test_names_are_symmetric(kernel):
     c = inspect.signature(getattr(dsv4, kernel))
     g = inspect.signature(getattr(dsv4.golden, kernel))
-    assert list(c.parameters) == [p for p in g.parameters if p != "stages"]
+    # a golden may return stages where the C kernel does not; where both do, both say so
+    assert list(c.parameters) == [p for p in g.parameters if p != "stages" or "stages" in c.parameters]
     assert callable(getattr(dsv4.specs, kernel))
     assert kernel in dsv4.specs.COMPARATORS and kernel in dsv4.specs.CASES
     outs, inouts = getattr(dsv4, kernel).outputs, getattr(dsv4, kernel).inouts

@@ -236,6 +236,13 @@ static int check_block(const struct dsv4_attention_block_args *a, struct dsv4_er
                                      : "the decode compressors take one token per request");
         return DSV4_EVALUE;
     }
+    if (a->HHD != a->H * a->HD) {
+        snprintf(e->msg, sizeof e->msg,
+                 "argument 'wq_b' has %lld columns and 'attn_sink' %lld heads; expected heads * "
+                 "head_dim = %lld columns (head_dim %lld from 'wkv')",
+                 (long long)a->HHD, (long long)a->H, (long long)(a->H * a->HD), (long long)a->HD);
+        return DSV4_EVALUE;
+    }
     if (a->RW != a->qk_rope_head_dim) {
         snprintf(e->msg, sizeof e->msg, "freqs_cos has %lld columns; expected qk_rope_head_dim = %lld",
                  (long long)a->RW, (long long)a->qk_rope_head_dim);
