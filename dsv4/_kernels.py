@@ -8,6 +8,8 @@ introspectable signature and a docstring.
 import functools
 import inspect
 
+import numpy as np
+
 from . import _C
 from .config import get_config
 
@@ -24,15 +26,17 @@ def _make(row):
     outs = [a for a in row["args"] if a["role"] == "out"]
     inouts = [a for a in row["args"] if a["role"] == "inout"]
     stage_names = [a["name"] for a in row["args"] if a["role"] == "stage"]
-    from_config = [s["name"] for s in row["scalars"] if s["from_config"]]
+    from_config = [s["name"] for s in row["scalars"] if s["from_config"] and not s["per_layer"]]
+    per_layer = [s["name"] for s in row["scalars"] if s["per_layer"]]
     user_scalars = [s for s in row["scalars"] if not s["from_config"]]
+    from_config_any = from_config + per_layer
 
     params = [P(a["name"], P.POSITIONAL_OR_KEYWORD) for a in ins if not a["optional"]]
     params += [P(a["name"], P.POSITIONAL_OR_KEYWORD, default=None) for a in ins if a["optional"]]
     params += [P(s["name"], P.POSITIONAL_OR_KEYWORD,
                  default=s["default"] if s["has_default"] else P.empty) for s in user_scalars]
     params += [P(a["name"], P.KEYWORD_ONLY, default=None) for a in outs]
-    if from_config:
+    if from_config_any:
         params.append(P("config", P.KEYWORD_ONLY, default=None))
     if stage_names:
         params.append(P("stages", P.KEYWORD_ONLY, default=False))
@@ -43,9 +47,13 @@ def _make(row):
         bound = sig.bind(*args, **kwargs)
         kw = {k: v for k, v in bound.arguments.items()
               if v is not None and k not in ("config", "stages")}
-        if from_config:
+        if from_config_any:
             cfg = get_config(bound.arguments.get("config"))
             kw.update((name, getattr(cfg, name)) for name in from_config)
+            for name in per_layer:        # e.g. compress_ratio = compress_ratios[layer_id]
+                values, i = getattr(cfg, name + "s"), kw.get("layer_id")
+                ok = isinstance(i, (int, np.integer)) and 0 <= i < len(values)
+                kw[name] = int(values[i]) if ok else -1     # the kernel names a bad layer_id
         out = raw(**kw)
         if stage_names:
             # the kernel writes its intermediates either way: the same bits with or without
