@@ -135,6 +135,7 @@ static void prefill_view(const struct dsv4_layer_args *L, int64_t r, int64_t q, 
     b->INB = a->INB / N;
     b->INP = a->INP / N;
     b->T = TILE;
+    b->B = 1;                          /* one request */
 }
 
 /* ---- tiles -------------------------------------------------------------------------- */
@@ -181,8 +182,8 @@ static size_t stage_bytes(const struct dsv4_attention_block_args *b)
            (size_t)b->B * (b->HD + b->ISL) * sizeof(float) + 64 * 16;
 }
 
-/* point the block's stage tensors into p */
-static void stage_buffers(struct dsv4_attention_block_args *b, void *p)
+/* point the block's stage tensors into p; returns the bytes they take */
+static size_t stage_buffers(struct dsv4_attention_block_args *b, void *p)
 {
     const int64_t T = b->T, D = b->D;
     struct dsv4_arena ar = {p, 0};
@@ -199,6 +200,19 @@ static void stage_buffers(struct dsv4_attention_block_args *b, void *p)
     b->sparse_lens = dsv4_take(&ar, (size_t)T * sizeof(int32_t));
     b->topk_idxs = dsv4_take(&ar, (size_t)T * b->ISL * sizeof(int32_t));
     b->compressed_kv = dsv4_take(&ar, (size_t)b->B * b->HD * sizeof(float));
+    return ar.used;
+}
+
+/* a block's stage tensors in the layer's stage buffer (sized by prepare() from the same
+ * blocks: a mismatch is a bug, reported rather than written past) */
+static int place_stages(const struct dsv4_layer_args *L, struct dsv4_attention_block_args *b,
+                        void *p, struct dsv4_err *e)
+{
+    if (stage_buffers(b, p) > L->stage_size) {
+        snprintf(e->msg, sizeof e->msg, "internal: a block's stages outgrow the layer's buffer");
+        return DSV4_EVALUE;
+    }
+    return DSV4_OK;
 }
 
 /* The block of rank r (and, in prefill, tile t), prepared: its checks have run. */
@@ -379,7 +393,8 @@ int dsv4_layer(void *p, struct dsv4_err *e)
         for (int64_t r = 0; r < R; r++) {
             if (block_of(L, r, NULL, &b, e, &n))
                 return DSV4_EVALUE;
-            stage_buffers(&b, s.stage);
+            if (place_stages(L, &b, s.stage, e))
+                return DSV4_EVALUE;
             b.x_out = L->x_attn + r * a->T * HCD;
             b.scratch = s.work;
             if (dsv4_attention_block(&b, e))
@@ -401,7 +416,8 @@ int dsv4_layer(void *p, struct dsv4_err *e)
         for (int64_t r = 0; r < R; r++) {
             if (block_of(L, r, &t, &b, e, &n))
                 return DSV4_EVALUE;
-            stage_buffers(&b, s.stage);
+            if (place_stages(L, &b, s.stage, e))
+                return DSV4_EVALUE;
             b.x_out = s.x_attn + r * TILE * HCD;
             b.scratch = s.work;
             if (dsv4_attention_block(&b, e))
