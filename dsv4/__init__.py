@@ -14,6 +14,7 @@ from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threa
 from ._kernels import CORE, KERNELS
 from .check import check, verify
 from .config import DEMO, FLASH, PRO, DeepSeekV4Config, get_config
+from .layers import prefill_metadata, prefill_tiles
 from .rope import gather_rope_rows, rope_tables
 
 globals().update(KERNELS)
@@ -23,3 +24,4 @@ __all__ = [*KERNELS, "KERNELS", "golden", "specs", "compare", "config", "check",
            "DeepSeekV4Config", "DEMO", "FLASH", "PRO", "get_config", "rope_tables",
            "gather_rope_rows", "set_num_threads", "get_num_threads", "set_isa", "get_isa",
            "available_isas"]
+__all__ += ["prefill_metadata", "prefill_tiles"]

@@ -32,3 +32,6 @@ __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "pre
            "prefill_indexer", "decode_attention_swa", "decode_attention_hca",
            "decode_attention_csa", "prefill_attention_swa", "prefill_attention_hca",
            "prefill_attention_csa"]
+from .layers import decode_layer, prefill_layer
+
+__all__ += ["decode_layer", "prefill_layer"]

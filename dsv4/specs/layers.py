@@ -31,7 +31,7 @@ from . import blocks as _blocks
 from . import moe as _moe
 from ._common import cached
 from .attention import _centered
-from .blocks import _csa_state, _unit_rms
+from .blocks import _CACHE, _STATE, _csa_state, _unit_rms
 
 _KINDS = ("swa", "hca", "csa")
 _MOE_WEIGHTS = ("hc_ffn_fn", "hc_ffn_scale", "hc_ffn_base", "norm_w", "gate_w", "gate_bias",
@@ -160,7 +160,9 @@ def decode_layer(start_pos=DECODE_START_POS, layer_id=10, *, n_ranks=2, n_local_
 def _rank_seed(seed, r):
     """Rank 0 draws at `seed` (the block builders' own values); rank r >= 1 at a seed
     derived from (seed, r)."""
-    return int(seed) if r == 0 else (int(seed) * 1_000_003 + zlib.crc32(f"rank{r}".encode())) % 2**31
+    if r == 0:
+        return int(seed)
+    return (int(seed) * 1_000_003 + zlib.crc32(f"rank{r}".encode())) % 2**31
 
 
 def _prefill_blocks(start, n, seed, c):
@@ -334,11 +336,21 @@ def packed_valid_rows(cmp):
 
 _KV_CACHE = ratio_allclose(atol=1e-4, rtol=1 / 128)
 
+# pypto-lib checks x_next and kv_cache; the other caches and states the layer updates get
+# the attention blocks' comparators for them
 COMPARATORS = {
     "decode_layer": {"x_next": ratio_reldiff(diff_thd=0.01, pct_thd=0.05),
-                     "kv_cache": _KV_CACHE},
+                     "kv_cache": _KV_CACHE,
+                     "hca_compress_state": _STATE, "csa_compress_state": _STATE,
+                     "csa_inner_compress_state": _STATE, "cmp_kv": _CACHE,
+                     "idx_kv_cache": _CACHE},
     "prefill_layer": {"x_next": packed_valid_rows(ratio_reldiff(diff_thd=0.01, pct_thd=0.05)),
-                      "kv_cache": _KV_CACHE},
+                      "kv_cache": _KV_CACHE,
+                      **{f"{kind}_{pool}": _STATE for kind, pool in (
+                          ("hca", "cmp_kv_state"), ("hca", "cmp_score_state"),
+                          ("csa", "cmp_kv_state"), ("csa", "cmp_score_state"),
+                          ("csa", "inner_kv_state"), ("csa", "inner_score_state"))},
+                      "cmp_kv": _CACHE, "idx_kv_cache": _CACHE},
 }
 
 # pypto-lib's runs at reduced expert counts: 4 local experts per rank (E_g = 8 >= K = 6;
