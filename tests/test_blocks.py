@@ -254,3 +254,34 @@ def test_bad_address_raises_and_changes_nothing(kernel, name):
             impl(**kw, config=SMALL)
         for k, v in before.items():
             assert same_bits(kw[k], v), f"{impl.__module__}: {k} changed"
+
+
+def test_prefill_then_decode_steps_share_the_ring():
+    # a request prefilled (SWA tile of 10 tokens from 0), then decoded at positions 10 and
+    # 11 on the ring the prefill left: the window ring is the one layout both phases share
+    pre = small_block("prefill_attention_swa", T=16, start_pos=0, num_tokens=10)
+    dec = small_block("decode_attention_swa", B=1, start_pos=10)
+    for k in ("hc_attn_fn", "hc_attn_scale", "hc_attn_base", "attn_norm_w", "wq_a", "wq_b",
+              "wq_b_scale", "wkv", "gamma_cq", "gamma_ckv", "freqs_cos", "freqs_sin",
+              "attn_sink", "wo_a", "wo_b", "wo_b_scale"):
+        dec[k] = pre[k]                                   # one layer's weights
+    rings = {}
+    for name, impl in (("C", dsv4.KERNELS), ("golden", dsv4.golden)):
+        p = getattr(impl, "prefill_attention_swa") if name == "golden" else impl["prefill_attention_swa"]
+        d = getattr(impl, "decode_attention_swa") if name == "golden" else impl["decode_attention_swa"]
+        ring = fresh("prefill_attention_swa", pre)["kv_cache"]
+        out = p(**dict(pre, kv_cache=ring), config=SMALL, stages=True)
+        prefill_kv = out["stages"]["kv"][:10]
+        assert same_bits(ring.reshape(-1, ring.shape[-1])[:10], prefill_kv)
+        xs = []
+        for step in range(2):
+            x = advance(dec, step, 0)
+            x["kv_cache"] = ring                          # [1, 128, 1, HD]: the same page
+            xs.append(d(**x, config=SMALL)["x_out"])
+        rings[name] = (ring, xs)
+    cmp = dsv4.specs.COMPARATORS["decode_attention_swa"]
+    for step in range(2):
+        rep = compare_outputs({"x_out": rings["C"][1][step]}, {"x_out": rings["golden"][1][step]}, cmp)
+        assert rep, f"step {step}: {rep}"
+    rep = compare_outputs({"kv_cache": rings["C"][0]}, {"kv_cache": rings["golden"][0]}, cmp)
+    assert rep, str(rep)

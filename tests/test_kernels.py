@@ -1,5 +1,6 @@
 """Every public kernel against its golden, and the checks every kernel must pass:
 bad input, untouched inputs, thread count and ISA independence, symmetric names."""
+import dataclasses
 import inspect
 
 import ml_dtypes
@@ -87,22 +88,47 @@ def test_small_config(kernel):
 
 # ---- determinism ---------------------------------------------------------------
 
+# the layers' smallest cases: a sliding-window, hash-routed layer; one short request
+SMALL_CASES = {"decode_layer": dict(layer_id=0, n_local_experts=4),
+               "prefill_layer": dict(layer_id=0, chunk_lens=(5,), n_local_experts=4)}
+
+
 def small_inputs(kernel, seed=7):
-    params = dict(next(iter(dsv4.specs.CASES[kernel].values())))
+    params = dict(SMALL_CASES.get(kernel) or next(iter(dsv4.specs.CASES[kernel].values())))
     if "T" in params:
         params["T"] = 3
     if "B" in params:
         params.update(B=2)
+    if "S" in params:
+        params["S"] = min(params["S"], 3)
     return getattr(dsv4.specs, kernel)(**params, seed=seed)
+
+
+# the layers compose blocks and the MoE, whose paths the other kernels' cases cover at full
+# size: their path and thread checks run a small model (CSA and hash-routed, the most glue)
+SMALL_LAYER = dataclasses.replace(
+    dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
+    qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
+    n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
+SMALL_LAYER_CASES = {"decode_layer": dict(start_pos=1000, layer_id=2, n_local_experts=4),
+                     "prefill_layer": dict(layer_id=2, chunk_lens=(130, 7), n_local_experts=4)}
+
+
+def path_inputs(kernel, seed):
+    """Inputs for the thread and code-path checks, and the config to run them with."""
+    if kernel in SMALL_LAYER_CASES:
+        cfg = {"config": SMALL_LAYER}
+        return getattr(dsv4.specs, kernel)(**SMALL_LAYER_CASES[kernel], seed=seed, **cfg), cfg
+    return getattr(dsv4.specs, kernel)(**next(iter(dsv4.specs.CASES[kernel].values())), seed=seed), {}
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_same_bits_for_any_thread_count(kernel, threads):
-    inputs = getattr(dsv4.specs, kernel)(**next(iter(dsv4.specs.CASES[kernel].values())), seed=2)
+    inputs, cfg = path_inputs(kernel, seed=2)
     runs = []
     for n in (1, 2, 3):
         threads(n)
-        runs.append(dsv4.KERNELS[kernel](**fresh(kernel, inputs)))
+        runs.append(dsv4.KERNELS[kernel](**fresh(kernel, inputs), **cfg))
     for other in runs[1:]:
         for name in runs[0]:
             assert same_bits(runs[0][name], other[name]), name
@@ -116,12 +142,12 @@ def need(name):
         pytest.skip(f"this CPU has no {name}")
 
 
-def assert_simd_matches_scalar(kernel, inputs, simd, isa):
+def assert_simd_matches_scalar(kernel, inputs, simd, isa, **kw):
     need(simd)
     isa("scalar")
-    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
+    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs), **kw)
     isa(simd)
-    out = dsv4.KERNELS[kernel](**fresh(kernel, inputs))
+    out = dsv4.KERNELS[kernel](**fresh(kernel, inputs), **kw)
     for name in ref:
         assert same_bits(ref[name], out[name]), name
 
@@ -129,7 +155,11 @@ def assert_simd_matches_scalar(kernel, inputs, simd, isa):
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_same_bits_scalar_and_simd(kernel, simd, isa):
-    assert_simd_matches_scalar(kernel, small_inputs(kernel), simd, isa)
+    if kernel in SMALL_LAYER_CASES:
+        inputs, cfg = path_inputs(kernel, seed=7)
+        assert_simd_matches_scalar(kernel, inputs, simd, isa, **cfg)
+    else:
+        assert_simd_matches_scalar(kernel, small_inputs(kernel), simd, isa)
 
 
 # 16 tokens or more, with the deployment's K, is where the int8 GEMMs run on AMX tiles; 8

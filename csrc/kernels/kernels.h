@@ -437,7 +437,7 @@ struct dsv4_layer_args {
     const int32_t *seq_lens, *chunk_lens, *chunk_offsets, *chunk_tile_offsets;   /* prefill */
     bf16_t *x_attn;                         /* stage: [R, T, HC, D] the attention outputs */
     int64_t R, NREQ, layer_id, compress_ratio, num_hidden_layers;
-    size_t stage_size, work_size;           /* set by prepare() */
+    size_t stage_size, work_size, undo_size;   /* set by prepare() */
     int variant;                            /* 0 decode, 1 prefill */
     void *scratch;
 };

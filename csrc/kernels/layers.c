@@ -170,6 +170,7 @@ struct layer_scratch {
     void *stage;                       /* the block's stage tensors, one rank at a time */
     bf16_t *x_attn, *x_next;           /* prefill: one tile of every rank */
     int64_t *ids;                      /* prefill: [R, TILE] the tile's token ids */
+    char *undo;                        /* the rows the blocks may write, as they were */
     void *work;                        /* the block's or the MoE's */
 };
 
@@ -215,9 +216,9 @@ static int place_stages(const struct dsv4_layer_args *L, struct dsv4_attention_b
     return DSV4_OK;
 }
 
-/* The block of rank r (and, in prefill, tile t), prepared: its checks have run. */
-static int block_of(const struct dsv4_layer_args *L, int64_t r, const struct tile *t,
-                    struct dsv4_attention_block_args *b, struct dsv4_err *e, size_t *scratch)
+/* The block of rank r (and, in prefill, tile t): its view of the layer's tensors */
+static void block_view(const struct dsv4_layer_args *L, int64_t r, const struct tile *t,
+                       struct dsv4_attention_block_args *b)
 {
     *b = L->blk;
     b->variant = (L->compress_ratio == 128 ? DSV4_BLOCK_HCA : L->compress_ratio == 4
@@ -227,7 +228,15 @@ static int block_of(const struct dsv4_layer_args *L, int64_t r, const struct til
         b->num_tokens = t->valid;
     } else {
         decode_view(L, r, b);
+        b->num_tokens = b->T;
     }
+}
+
+/* ... and prepared: its checks have run. */
+static int block_of(const struct dsv4_layer_args *L, int64_t r, const struct tile *t,
+                    struct dsv4_attention_block_args *b, struct dsv4_err *e, size_t *scratch)
+{
+    block_view(L, r, t, b);
     struct dsv4_err in = {{0}};
     if (dsv4_attention_block_prepare(b, &in, scratch)) {
         char where[96];
@@ -239,6 +248,69 @@ static int block_of(const struct dsv4_layer_args *L, int64_t r, const struct til
         return dsv4_err_prefixed(e, where, &in);
     }
     return DSV4_OK;
+}
+
+/* ---- undo: the MoE's routing can overflow a receive buffer, which only the data reveal,
+ * after the blocks wrote their caches and states. Every row a block may write is named by
+ * a slot mapping entry; the rows are saved before the first block runs and put back if
+ * the layer fails. */
+
+struct rows { char *base; size_t bytes; const int64_t *slot; };
+
+static int block_rows(const struct dsv4_attention_block_args *b, struct rows *w)
+{
+    const int k = b->variant & 3, pre = b->variant & DSV4_BLOCK_PREFILL;
+    int n = 0;
+    w[n++] = (struct rows){(char *)b->kv_cache, (size_t)b->HD * sizeof(bf16_t), b->ori_slot_mapping};
+    if (k == DSV4_BLOCK_SWA)
+        return n;
+    if (pre) {
+        w[n++] = (struct rows){(char *)b->cmp_kv_state, (size_t)b->COD * sizeof(float), b->state_slot_mapping};
+        w[n++] = (struct rows){(char *)b->cmp_score_state, (size_t)b->COD * sizeof(float), b->state_slot_mapping};
+    } else {
+        w[n++] = (struct rows){(char *)b->compress_state, (size_t)b->CSW * sizeof(float), b->state_slot_mapping};
+    }
+    w[n++] = (struct rows){(char *)b->cmp_kv, (size_t)b->HD * sizeof(bf16_t), b->cmp_slot_mapping};
+    if (k != DSV4_BLOCK_CSA)
+        return n;
+    if (pre) {
+        w[n++] = (struct rows){(char *)b->inner_kv_state, (size_t)b->IOD * sizeof(float), b->inner_state_slot_mapping};
+        w[n++] = (struct rows){(char *)b->inner_score_state, (size_t)b->IOD * sizeof(float), b->inner_state_slot_mapping};
+    } else {
+        w[n++] = (struct rows){(char *)b->inner_compress_state, (size_t)b->ISW * sizeof(float), b->inner_state_slot_mapping};
+    }
+    w[n++] = (struct rows){(char *)b->idx_kv_cache, (size_t)b->IHD * sizeof(bf16_t), b->idx_slot_mapping};
+    return n;
+}
+
+enum { UNDO_SIZE, UNDO_SAVE, UNDO_RESTORE };
+
+/* Walk every row every block may write: count its bytes, save it to buf, or put it back. */
+static size_t undo(const struct dsv4_layer_args *L, char *buf, int what)
+{
+    const int64_t ntiles = prefill_layer(L) ? count_tiles(L) : 1;
+    size_t used = 0;
+    struct dsv4_attention_block_args b;
+    struct rows w[8];
+    for (int64_t i = 0; i < ntiles; i++) {
+        struct tile t = prefill_layer(L) ? tile_at(L, i) : (struct tile){0, 0, 0, 0};
+        for (int64_t r = 0; r < L->R; r++) {
+            block_view(L, r, &t, &b);
+            int nw = block_rows(&b, w);
+            for (int j = 0; j < nw; j++)
+                for (int64_t u = 0; u < b.num_tokens; u++) {
+                    if (w[j].slot[u] < 0)
+                        continue;
+                    char *row = w[j].base + w[j].slot[u] * w[j].bytes;
+                    if (what == UNDO_SAVE)
+                        memcpy(buf + used, row, w[j].bytes);
+                    else if (what == UNDO_RESTORE)
+                        memcpy(row, buf + used, w[j].bytes);
+                    used += w[j].bytes;
+                }
+        }
+    }
+    return used;
 }
 
 static void moe_setup(const struct dsv4_layer_args *L, struct dsv4_moe_args *m, int64_t T)
@@ -340,6 +412,7 @@ static void layer_layout(const struct dsv4_layer_args *L, struct dsv4_arena *ar,
         s->x_next = dsv4_take(ar, rows * sizeof(bf16_t));
         s->ids = dsv4_take(ar, (size_t)L->R * TILE * sizeof(int64_t));
     }
+    s->undo = dsv4_take(ar, L->undo_size);
     s->work = dsv4_take(ar, L->work_size);
 }
 
@@ -369,6 +442,7 @@ int dsv4_layer_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     work = n > work ? n : work;
     L->stage_size = stage;
     L->work_size = work;
+    L->undo_size = undo(L, NULL, UNDO_SIZE);
     struct dsv4_arena ar = {0};
     struct layer_scratch s;
     layer_layout(L, &ar, &s);
@@ -376,18 +450,31 @@ int dsv4_layer_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     return DSV4_OK;
 }
 
+static int run_layer(struct dsv4_layer_args *L, const struct layer_scratch *sp, struct dsv4_err *e);
+
 int dsv4_layer(void *p, struct dsv4_err *e)
 {
     struct dsv4_layer_args *L = p;
+    struct dsv4_arena ar = {L->scratch, 0};
+    struct layer_scratch s;
+    layer_layout(L, &ar, &s);
+    undo(L, s.undo, UNDO_SAVE);
+    if (run_layer(L, &s, e)) {
+        undo(L, s.undo, UNDO_RESTORE);          /* what the blocks before the failure wrote */
+        return DSV4_EVALUE;
+    }
+    return DSV4_OK;
+}
+
+static int run_layer(struct dsv4_layer_args *L, const struct layer_scratch *sp, struct dsv4_err *e)
+{
     const struct dsv4_attention_block_args *a = &L->blk;
+    const struct layer_scratch s = *sp;
     const int64_t R = L->R, HCD = a->HC * a->D;
     const int64_t ntiles = prefill_layer(L) ? count_tiles(L) : 1;
     size_t n;
     struct dsv4_attention_block_args b;
     struct dsv4_moe_args m;
-    struct dsv4_arena ar = {L->scratch, 0};
-    struct layer_scratch s;
-    layer_layout(L, &ar, &s);
 
     if (!prefill_layer(L)) {
         for (int64_t r = 0; r < R; r++) {
