@@ -16,8 +16,12 @@ import time
 import dsv4
 from dsv4.check import fresh
 
-# Full-size FLASH cases too slow to build for the tests (805 MB of routed expert weights).
-FULL = {"expert_routed": {"flash, 32 experts": dict(T=8)}}
+# Full-size FLASH cases too slow to build for the tests (805 MB of routed expert weights per
+# rank): pypto-lib's default EP deployment, 2 ranks x 32 local experts.
+FULL = {"expert_routed": {"flash, 32 experts": dict(T=8)},
+        "decode_layer": {"2 ranks x 32 experts": dict(layer_id=10, n_local_experts=32)},
+        "prefill_layer": {"2 ranks x 32 experts": dict(layer_id=2, chunk_lens=(128, 192),
+                                                       n_local_experts=32)}}
 
 
 def median_ms(name, fn, kwargs, repeat):

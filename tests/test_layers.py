@@ -501,37 +501,45 @@ def _x_attn(out):
     return np.concatenate([t["x_attn"][:, :t["valid"]] for t in out["stages"]["tiles"]], 1)
 
 
+def one_and_two_calls(layer, lid, N=300, n1=170):
+    """`layer` over N tokens of one request in one call, and in two (n1, then the rest from
+    position n1, the caches carried over). Returns the inputs, the one-call outputs, the
+    two calls' outputs and the two calls' x_next rows packed as the one call's."""
+    full = S.prefill_layer(lid, (N,), n_local_experts=4, config=SMALL)
+    one = layer(**fresh(full, PREFILL_INOUTS), config=SMALL, stages=True)
+    a = layer(**fresh(_call(full, lid, 0, n1), PREFILL_INOUTS), config=SMALL, stages=True)
+    second = _call(full, lid, n1, N - n1)
+    second.update({k: a[k] for k in PREFILL_INOUTS})
+    b = layer(**second, config=SMALL, stages=True)
+    x = np.zeros_like(one["x_next"])
+    x[:, :n1] = a["x_next"][:, :n1]
+    x[:, n1:N] = b["x_next"][:, :N - n1]
+    return full, one, (a, b), x
+
+
+def check_chunking(full, one, b, x, lid):
+    res = S.COMPARATORS["prefill_layer"]["x_next"](x, one["x_next"], name="x_next", inputs=full)
+    assert res, str(res)
+    for name in CACHES:
+        res = CACHE_CMP(b[name], one[name], name=name)
+        assert res, str(res)
+    assert not same_bits(b["kv_cache"], full["kv_cache"])
+    if lid != SWA:
+        assert not same_bits(b["cmp_kv"], full["cmp_kv"])
+    if lid == CSA:
+        assert not same_bits(b["idx_kv_cache"], full["idx_kv_cache"])
+
+
 @pytest.mark.parametrize("lid", [SWA, HCA, CSA], ids=["swa", "hca", "csa"])
 def test_one_call_equals_two_calls(lid):
     """300 tokens in one call (tiles of 128, 128, 44) vs 170 then 130 (tiles 128 + 42,
     then 128 + 2 from position 170), the caches carried over: x_next rows and the final
     kv_cache / cmp_kv / idx_kv_cache agree under the layer's comparators, the attention
     outputs under STRICT."""
-    N, n1 = 300, 170
-    full = S.prefill_layer(lid, (N,), n_local_experts=4, config=SMALL)
-    one = G.prefill_layer(**fresh(full, PREFILL_INOUTS), config=SMALL, stages=True)
-
-    first = fresh(_call(full, lid, 0, n1), PREFILL_INOUTS)
-    a = G.prefill_layer(**first, config=SMALL, stages=True)
-    second = _call(full, lid, n1, N - n1)
-    second.update({k: a[k] for k in PREFILL_INOUTS})
-    b = G.prefill_layer(**second, config=SMALL, stages=True)
-
-    x = np.zeros_like(one["x_next"])
-    x[:, :n1] = a["x_next"][:, :n1]
-    x[:, n1:N] = b["x_next"][:, :N - n1]
-    res = S.COMPARATORS["prefill_layer"]["x_next"](x, one["x_next"], name="x_next", inputs=full)
-    assert res, str(res)
-    for name in CACHES:
-        res = CACHE_CMP(b[name], one[name], name=name)
-        assert res, str(res)
+    full, one, (a, b), x = one_and_two_calls(G.prefill_layer, lid)
+    check_chunking(full, one, b, x, lid)
     res = STRICT(np.concatenate([_x_attn(a), _x_attn(b)], 1), _x_attn(one), name="x_attn")
     assert res, str(res)
-    assert not same_bits(b["kv_cache"], full["kv_cache"])
-    if lid != SWA:
-        assert not same_bits(b["cmp_kv"], full["cmp_kv"])
-    if lid == CSA:
-        assert not same_bits(b["idx_kv_cache"], full["idx_kv_cache"])
 
 
 def test_comparators_registered():
@@ -599,20 +607,12 @@ def test_routing_overflow_after_the_attention_changes_nothing(kernel):
 @pytest.mark.parametrize("lid", [SWA, HCA, CSA], ids=["swa", "hca", "csa"])
 def test_c_one_call_equals_two_calls(lid):
     """The C kernel over 300 tokens in one call vs 170 then 130: the layer's comparators
-    hold. (Bits may differ: the C projections sum in another order from 32 tokens on, so a
-    token's bits depend on its tile's row count; the goldens are compared the same way.)"""
+    hold, and the attention outputs (the x_attn stage, valid rows) under STRICT. (Bits may
+    differ: the C projections sum in another order from 32 tokens on, so a token's bits
+    depend on its tile's row count.)"""
     N, n1 = 300, 170
-    full = S.prefill_layer(lid, (N,), n_local_experts=4, config=SMALL)
-    one = dsv4.prefill_layer(**fresh(full, PREFILL_INOUTS), config=SMALL)
-    a = dsv4.prefill_layer(**fresh(_call(full, lid, 0, n1), PREFILL_INOUTS), config=SMALL)
-    second = _call(full, lid, n1, N - n1)
-    second.update({k: a[k] for k in PREFILL_INOUTS})
-    b = dsv4.prefill_layer(**second, config=SMALL)
-    x = np.zeros_like(one["x_next"])
-    x[:, :n1] = a["x_next"][:, :n1]
-    x[:, n1:N] = b["x_next"][:, :N - n1]
-    res = S.COMPARATORS["prefill_layer"]["x_next"](x, one["x_next"], name="x_next", inputs=full)
+    full, one, (a, b), x = one_and_two_calls(dsv4.prefill_layer, lid, N, n1)
+    check_chunking(full, one, b, x, lid)
+    two = np.concatenate([a["stages"]["x_attn"][:, :n1], b["stages"]["x_attn"][:, :N - n1]], 1)
+    res = STRICT(two, one["stages"]["x_attn"][:, :N], name="x_attn")
     assert res, str(res)
-    for name in CACHES:
-        res = CACHE_CMP(b[name], one[name], name=name)
-        assert res, str(res)

@@ -137,12 +137,16 @@ def _copies(**caches):
 
 # ------------------------------------------------------------------------ decode
 
-def _decode_geometry(kernel, pos, table, cfg):
+def _decode_geometry(kernel, pos, table, cfg, one_token=False):
+    """B (rows of the block table) and S = T / B; the decode compressors take S = 1."""
     B = np.shape(table)[0]
     T = pos.shape[0]
     if np.ndim(table) != 2 or B < 1 or T % B:
         _fail(kernel, f"T = {T} tokens must be a whole number of tokens per request for the "
                       f"{np.shape(table)} block table (B = rows)")
+    if one_token and T != B:
+        _fail(kernel, f"the decode compressor takes one token per request; T = {T} tokens for "
+                      f"B = {B} requests")
     return B, T // B
 
 
@@ -228,10 +232,7 @@ def decode_attention_hca(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_nor
     st, pos, cos, sin = _front(kern, x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w,
                                wq_a, wq_b, wq_b_scale, wkv, gamma_cq, gamma_ckv, freqs_cos,
                                freqs_sin, position_ids, cfg)
-    B, S = _decode_geometry(kern, pos, ori_block_table, cfg)
-    if S != 1:
-        _fail(kern, f"the decode compressor takes one token per request; T = {pos.shape[0]} "
-                    f"tokens for B = {B} requests")
+    B, S = _decode_geometry(kern, pos, ori_block_table, cfg, one_token=True)
     caches, work = _copies(compress_state=compress_state, cmp_kv=cmp_kv, kv_cache=kv_cache)
     _check_slots(kern, "ori_slot_mapping", _ints(ori_slot_mapping),
                  np.prod(kv_cache.shape[:2]), "kv_cache")
@@ -295,10 +296,7 @@ def decode_attention_csa(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_nor
     st, pos, cos, sin = _front(kern, x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w,
                                wq_a, wq_b, wq_b_scale, wkv, gamma_cq, gamma_ckv, freqs_cos,
                                freqs_sin, position_ids, cfg)
-    B, S = _decode_geometry(kern, pos, ori_block_table, cfg)
-    if S != 1:
-        _fail(kern, f"the decode compressor takes one token per request; T = {pos.shape[0]} "
-                    f"tokens for B = {B} requests")
+    B, S = _decode_geometry(kern, pos, ori_block_table, cfg, one_token=True)
     caches, work = _copies(compress_state=compress_state, inner_compress_state=inner_compress_state,
                            cmp_kv=cmp_kv, idx_kv_cache=idx_kv_cache, kv_cache=kv_cache)
     _check_slots(kern, "ori_slot_mapping", _ints(ori_slot_mapping),
