@@ -285,3 +285,15 @@ def test_prefill_then_decode_steps_share_the_ring():
         assert rep, f"step {step}: {rep}"
     rep = compare_outputs({"kv_cache": rings["C"][0]}, {"kv_cache": rings["golden"][0]}, cmp)
     assert rep, str(rep)
+
+
+@pytest.mark.parametrize("kernel,params", [("decode_attention_csa", dict(B=2)),
+                                           ("decode_attention_hca", dict(B=2)),
+                                           ("prefill_attention_hca", dict(T=16, start_pos=120)),
+                                           ("prefill_attention_csa", dict(T=16, start_pos=40))])
+def test_demo_preset(kernel, params):
+    inputs = getattr(dsv4.specs, kernel)(**params, config="demo")
+    c = dsv4.KERNELS[kernel](**fresh(kernel, inputs), config="demo")
+    g = getattr(dsv4.golden, kernel)(**fresh(kernel, inputs), config="demo")
+    rep = compare_outputs(c, g, dsv4.specs.COMPARATORS[kernel], inputs=inputs)
+    assert rep, str(rep)
