@@ -296,31 +296,35 @@ static int check_block(const struct dsv4_attention_block_args *a, struct dsv4_er
 static int prepare_leaves(struct dsv4_attention_block_args *a, const struct block_scratch *s,
                           struct dsv4_err *e, size_t *most)
 {
-    const int pre = prefill(a) != 0, k = kind(a);
-    struct dsv4_err in = {{0}};
-    size_t n = 0;
-    *most = 0;
+    const int pre = prefill(a) != 0, k = kind(a), cmp = k != DSV4_BLOCK_SWA, csa = k == DSV4_BLOCK_CSA;
     setup_leaves(a, s);
-#define LEAF(name, fn, arg)                                   \
-    do {                                                      \
-        if (fn##_prepare(arg, &in, &n))                       \
-            return dsv4_err_prefixed(e, name, &in);                        \
-        *most = n > *most ? n : *most;                        \
-    } while (0)
-    LEAF("hc_pre", dsv4_hc_pre, &a->hp);
-    LEAF("rms_norm", dsv4_rms_norm, &a->rn);
-    LEAF("qkv_proj_rope", dsv4_qkv_proj_rope, &a->qk);
-    if (k != DSV4_BLOCK_SWA && !pre)
-        LEAF("compressor", dsv4_decode_compressor, &a->dc);
-    if (k != DSV4_BLOCK_SWA && pre)
-        LEAF("compressor", dsv4_prefill_compressor, &a->pc);
-    if (k == DSV4_BLOCK_CSA && !pre)
-        LEAF("indexer", dsv4_decode_indexer, &a->di);
-    if (k == DSV4_BLOCK_CSA && pre)
-        LEAF("indexer", dsv4_prefill_indexer, &a->pi);
-    LEAF("sparse attention", dsv4_sparse_attn, &a->sa);
-    LEAF("hc_post", dsv4_hc_post, &a->ho);
-#undef LEAF
+    /* the leaves this kind runs, in order: name, prepare, arguments */
+    const struct {
+        int on;
+        const char *name;
+        int (*prepare)(void *, struct dsv4_err *, size_t *);
+        void *args;
+    } leaves[] = {
+        {1, "hc_pre", dsv4_hc_pre_prepare, &a->hp},
+        {1, "rms_norm", dsv4_rms_norm_prepare, &a->rn},
+        {1, "qkv_proj_rope", dsv4_qkv_proj_rope_prepare, &a->qk},
+        {cmp && !pre, "compressor", dsv4_decode_compressor_prepare, &a->dc},
+        {cmp && pre, "compressor", dsv4_prefill_compressor_prepare, &a->pc},
+        {csa && !pre, "indexer", dsv4_decode_indexer_prepare, &a->di},
+        {csa && pre, "indexer", dsv4_prefill_indexer_prepare, &a->pi},
+        {1, "sparse attention", dsv4_sparse_attn_prepare, &a->sa},
+        {1, "hc_post", dsv4_hc_post_prepare, &a->ho},
+    };
+    *most = 0;
+    for (size_t i = 0; i < sizeof leaves / sizeof leaves[0]; i++) {
+        struct dsv4_err in = {{0}};
+        size_t n = 0;
+        if (!leaves[i].on)
+            continue;
+        if (leaves[i].prepare(leaves[i].args, &in, &n))
+            return dsv4_err_prefixed(e, leaves[i].name, &in);
+        *most = n > *most ? n : *most;
+    }
     void *leaf = s->leaf;
     a->hp.scratch = a->rn.scratch = a->qk.scratch = a->dc.scratch = a->pc.scratch = leaf;
     a->di.scratch = a->pi.scratch = a->sa.scratch = a->ho.scratch = leaf;
