@@ -1292,12 +1292,19 @@ static int check_array(const struct kernel_spec *k, const struct arg_spec *as, P
             bound_by[ax[i]] = as->name;
         } else if (*f != got) {
             PyObject *s = shape_str(arr);
-            PyErr_Format(PyExc_ValueError,
-                         "%s: argument '%s' must have shape %s, got shape %S: %s is %lld (from '%s'), "
-                         "not %lld",
-                         k->name, as->name, want, s, k->dims[ax[i]].name, (long long)*f,
-                         bound_by[ax[i]] ? bound_by[ax[i]] : "the model config",
-                         (long long)got);
+            /* either may be the wrong one: name both */
+            if (bound_by[ax[i]])
+                PyErr_Format(PyExc_ValueError,
+                             "%s: arguments '%s' and '%s' disagree on %s: %lld in '%s', %lld in '%s' "
+                             "(shape %S, expected %s)",
+                             k->name, bound_by[ax[i]], as->name, k->dims[ax[i]].name,
+                             (long long)*f, bound_by[ax[i]], (long long)got, as->name, s, want);
+            else
+                PyErr_Format(PyExc_ValueError,
+                             "%s: argument '%s' must have shape %s, got shape %S: %s is %lld (from "
+                             "the model config), not %lld",
+                             k->name, as->name, want, s, k->dims[ax[i]].name, (long long)*f,
+                             (long long)got);
             Py_XDECREF(s);
             return -1;
         }

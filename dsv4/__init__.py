@@ -9,9 +9,10 @@ Every kernel exists twice, under one name:
 Both return a dict of outputs keyed by pypto-lib's output names. To compare
 an output of your own: dsv4.verify(kernel, outputs, inputs).
 """
-from . import compare, config, golden, specs
+from . import bisect, case, compare, config, golden, specs
 from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
 from ._kernels import CORE, KERNELS
+from .case import load_case, save_outputs
 from .check import check, verify
 from .config import DEMO, FLASH, PRO, DeepSeekV4Config, get_config
 from .layers import prefill_metadata, prefill_tiles
@@ -24,4 +25,4 @@ __all__ = [*KERNELS, "KERNELS", "golden", "specs", "compare", "config", "check",
            "DeepSeekV4Config", "DEMO", "FLASH", "PRO", "get_config", "rope_tables",
            "gather_rope_rows", "set_num_threads", "get_num_threads", "set_isa", "get_isa",
            "available_isas"]
-__all__ += ["prefill_metadata", "prefill_tiles"]
+__all__ += ["prefill_metadata", "prefill_tiles", "case", "load_case", "save_outputs", "bisect"]

@@ -239,24 +239,24 @@ def check_scores(score, ref, offset, topk, k_cap):
 SIGS = {
     "decode_indexer_compressor": (
         "x compress_state compress_state_block_table wkv wgate ape norm_w cos sin hadamard "
-        "idx_kv_cache position_ids idx_slot_mapping inner_state_slot_mapping | kv config",
+        "idx_kv_cache position_ids idx_slot_mapping inner_state_slot_mapping | kv config stages",
         ("kv", "compress_state", "idx_kv_cache")),
     "prefill_indexer_compressor": (
         "x kv_state score_state inner_compress_state_block_table wkv wgate ape norm_w freqs_cos "
         "freqs_sin hadamard idx_kv_cache idx_block_table position_ids idx_slot_mapping "
-        "inner_state_slot_mapping num_tokens | kv config",
+        "inner_state_slot_mapping num_tokens | kv config stages",
         ("kv", "kv_state", "score_state", "idx_kv_cache")),
     "decode_indexer": (
         "x qr qr_scale wq_b wq_b_scale weights_proj cos sin hadamard inner_kv "
         "inner_compress_state inner_compress_state_block_table inner_wkv inner_wgate inner_ape "
         "inner_norm_w idx_kv_cache idx_block_table position_ids idx_slot_mapping "
-        "inner_state_slot_mapping kv_seq_lens offset | score topk_idxs config",
+        "inner_state_slot_mapping kv_seq_lens offset | score topk_idxs config stages",
         ("score", "topk_idxs", "inner_kv", "inner_compress_state", "idx_kv_cache")),
     "prefill_indexer": (
         "x qr qr_scale wq_b wq_b_scale weights_proj cos sin freqs_cos freqs_sin hadamard "
         "inner_kv_state inner_score_state inner_compress_state_block_table inner_wkv "
         "inner_wgate inner_ape inner_norm_w idx_kv_cache idx_block_table position_ids "
-        "idx_slot_mapping inner_state_slot_mapping num_tokens | score topk_idxs config",
+        "idx_slot_mapping inner_state_slot_mapping num_tokens | score topk_idxs config stages",
         ("score", "topk_idxs", "inner_kv_state", "inner_score_state", "idx_kv_cache")),
 }
 

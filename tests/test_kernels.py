@@ -301,12 +301,21 @@ def test_non_contiguous_is_refused(kernel):
 def test_missing_and_unknown_arguments(kernel):
     inputs = small_inputs(kernel)
     name = first_array(kernel, inputs)
-    with pytest.raises(TypeError, match=name):
+    with pytest.raises(TypeError, match=rf"^{kernel}: .*'{name}'"):
         dsv4.KERNELS[kernel](**{k: v for k, v in inputs.items() if k != name})
     with pytest.raises(TypeError, match="bogus"):
         dsv4.KERNELS[kernel](**inputs, bogus=1)
     with pytest.raises(TypeError, match="list"):
         dsv4.KERNELS[kernel](**dict(inputs, **{name: inputs[name].tolist()}))
+
+
+def test_a_wrong_first_argument_is_named():
+    # x binds D first, so the disagreement shows up at wq_a: both must be named
+    d = small_inputs("qkv_proj_rope")
+    x = d["x"][:, :-1].copy()
+    D = d["x"].shape[1]
+    with pytest.raises(ValueError, match=rf"'x' and 'wq_a' disagree on D: {D - 1} in 'x', {D} in 'wq_a'"):
+        dsv4.qkv_proj_rope(**dict(d, x=x))
 
 
 def test_related_dims_are_checked():

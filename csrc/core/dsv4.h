@@ -48,6 +48,9 @@ static inline bf16_t dsv4_f32_to_bf16_haz(float f)
 /* Round an fp32 value to bf16 and back: the golden's `.to(bf16).float()`. */
 static inline float dsv4_round_bf16(float f) { return dsv4_bf16_to_f32(dsv4_f32_to_bf16(f)); }
 
+/* max as torch.max / np.max reduce: a NaN wins and stays (fmaxf would drop it) */
+static inline float dsv4_max_nan(float m, float a) { return (a > m || a != a) ? a : m; }
+
 /* e^x rounded to fp32, computed in double: x clamped to [-120, 100] (beyond, fp32 gives 0
  * or inf anyway), n = rint(x / ln 2), r = x - n ln 2 in two fused steps, Horner on the
  * degree-11 Taylor polynomial in fused steps, times 2^n (exact), one rounding. NaN stays NaN.

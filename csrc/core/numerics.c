@@ -180,20 +180,22 @@ float dsv4_rms_inv(const float *v, int64_t n, float eps)
 }
 
 #if defined(__x86_64__)
-/* The same max (NaN lanes lose, as in `a > amax ? a : amax`) and the same per-element
+/* The same max (a NaN anywhere makes amax NaN, as torch's amax) and the same per-element
  * rounding as the scalar loop, so the same bytes. */
 __attribute__((target("avx512f,avx512vl,avx512bw"))) static float quant_row_i8_avx512(
     const float *v, int64_t n, int8_t *q)
 {
     __m512 am = _mm512_set1_ps(1e-4f);
+    __mmask16 nan = 0;
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16)
-        am = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(v + k)), am);
-    float amax = _mm512_reduce_max_ps(am);
-    for (; k < n; k++) {
-        float a = fabsf(v[k]);
-        amax = a > amax ? a : amax;
+    for (; k + 16 <= n; k += 16) {
+        __m512 x = _mm512_loadu_ps(v + k);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        am = _mm512_max_ps(_mm512_abs_ps(x), am);
     }
+    float amax = nan ? NAN : _mm512_reduce_max_ps(am);
+    for (; k < n; k++)
+        amax = dsv4_max_nan(amax, fabsf(v[k]));
     float sq = (1.0f / amax) * 127.0f;
     const __m512 s = _mm512_set1_ps(sq);
     for (k = 0; k + 16 <= n; k += 16) {
@@ -217,15 +219,14 @@ float dsv4_quant_row_i8(const float *v, int64_t n, int8_t *q)
         return quant_row_i8_avx512(v, n, q);
 #endif
     float amax = 1e-4f;                 /* INT8_AMAX_EPS, as fp32 */
-    for (int64_t k = 0; k < n; k++) {
-        float a = fabsf(v[k]);
-        amax = a > amax ? a : amax;
-    }
+    for (int64_t k = 0; k < n; k++)
+        amax = dsv4_max_nan(amax, fabsf(v[k]));
     /* torch's `127 / amax` is reciprocal-then-multiply (§0.2) */
     float sq = (1.0f / amax) * 127.0f;
     for (int64_t k = 0; k < n; k++) {
         float r = nearbyintf(v[k] * sq);            /* half to even */
-        /* |r| <= 127 for finite input (§0.4), so int32 -> fp16 -> int8 is the identity */
+        /* |r| <= 127 for finite input (§0.4), so int32 -> fp16 -> int8 is the identity;
+         * NaN goes to INT32_MIN -> -inf -> 0 there */
         q[k] = r == r ? (int8_t)(int32_t)r : 0;
     }
     return 1.0f / sq;

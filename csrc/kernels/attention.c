@@ -317,7 +317,7 @@ static void softmax_scalar(float *s, int64_t n, int64_t H, float scale, float *m
         float mx = -INFINITY, sum = 0.0f;
         for (int64_t i = 0; i < n; i++) {
             s[i * H + h] = s[i * H + h] * scale;
-            mx = s[i * H + h] > mx ? s[i * H + h] : mx;
+            mx = dsv4_max_nan(mx, s[i * H + h]);
         }
         for (int64_t i = 0; i < n; i++) {
             float ex = dsv4_exp_f32(s[i * H + h] - mx);
@@ -572,7 +572,7 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
                 continue;
             }
             /* online merge in tile order (§2.3) */
-            float mn = m[h] > mx ? m[h] : mx;
+            float mn = dsv4_max_nan(mx, m[h]);
             float alpha = dsv4_exp_f32(m[h] - mn), beta = dsv4_exp_f32(mx - mn);
             l[h] = alpha * l[h] + beta * sum;
             merge(th->o + h * HD, oh, HD, alpha, beta);

@@ -158,7 +158,7 @@ int dsv4_decode_compressor(void *p, struct dsv4_err *e)
             float m = -INFINITY, z = 0.0f, o = 0.0f;
             for (int64_t r = 0; r < n; r++) {
                 float s = scp[r] ? scp[r][c] : -INFINITY;
-                m = s > m ? s : m;
+                m = dsv4_max_nan(m, s);
             }
             float e0[128];
             for (int64_t r = 0; r < n; r++) {
@@ -349,7 +349,7 @@ int dsv4_prefill_compressor(void *p, struct dsv4_err *e)
                 if (R == 4) {                         /* online form, from slot 7 (§4.2.4) */
                     float m = sc[7 * HD + c], l = exp32(m - m), o = kv[7 * HD + c];
                     for (int64_t j = first_window ? 4 : 0; j < 7; j++) {
-                        float s = sc[j * HD + c], mn = m > s ? m : s;
+                        float s = sc[j * HD + c], mn = dsv4_max_nan(m, s);
                         float al = exp32(m - mn), be = exp32(s - mn);
                         l = al * l + be;
                         o = o * al + kv[j * HD + c] * be;
@@ -359,7 +359,7 @@ int dsv4_prefill_compressor(void *p, struct dsv4_err *e)
                 } else {                              /* batch form (§4.2.3) */
                     float m = -INFINITY, z = 0.0f, o = 0.0f, ex[128];
                     for (int64_t i = 0; i < span; i++)
-                        m = sc[i * HD + c] > m ? sc[i * HD + c] : m;
+                        m = dsv4_max_nan(m, sc[i * HD + c]);
                     for (int64_t i = 0; i < span; i++) {
                         ex[i] = exp32(sc[i * HD + c] - m);
                         z = i ? z + ex[i] : ex[i];

@@ -83,7 +83,7 @@ static void sinkhorn(float *c, int64_t n, int64_t iters, float eps)
     for (int64_t i = 0; i < n; i++) {
         float *row = c + i * n, m = row[0], s = 0.0f;
         for (int64_t j = 1; j < n; j++)
-            m = row[j] > m ? row[j] : m;
+            m = dsv4_max_nan(m, row[j]);
         for (int64_t j = 0; j < n; j++) {
             row[j] = exp32(row[j] - m);
             s = j ? s + row[j] : row[j];

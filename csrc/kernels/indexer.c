@@ -192,6 +192,9 @@ static void score_int(const struct query_scratch *s, int64_t r0, int64_t rows, i
 }
 
 /* sum over heads of term(h): chunks of 16 heads, each in order, then the chunks in order */
+/* torch.relu keeps a NaN; fmaxf alone would drop it */
+static inline float relu(float x) { return x != x ? x : fmaxf(x, 0.0f); }
+
 #define HEAD_SUM(H, term, out)                                                              \
     do {                                                                                    \
         float tot_ = 0.0f;                                                                  \
@@ -209,7 +212,10 @@ struct ranked { float s; int32_t c; };
 static int by_score(const void *x, const void *y)
 {
     const struct ranked *a = x, *b = y;
-    if (a->s != b->s)
+    int an = a->s != a->s, bn = b->s != b->s;
+    if (an != bn)
+        return an - bn;                            /* NaN last, as the golden's argsort */
+    if (!an && a->s != b->s)
         return a->s > b->s ? -1 : 1;              /* score descending */
     return a->c < b->c ? -1 : a->c > b->c;         /* then slot ascending */
 }
@@ -301,7 +307,7 @@ int dsv4_decode_indexer(void *p, struct dsv4_err *e)
         const int32_t *s32 = s.s32 + b * H * v;
         for (int64_t c = 0; c < v; c++) {
             float tot;
-            HEAD_SUM(H, (fmaxf((float)s32[h * v + c] * s.qdq[b * H + h], 0.0f) * s.wt[b * H + h]), tot);
+            HEAD_SUM(H, (relu((float)s32[h * v + c] * s.qdq[b * H + h]) * s.wt[b * H + h]), tot);
             sc[c] = tot * s.kdq[c];
             q->score[b * SL + c] = sc[c];
         }
@@ -389,8 +395,8 @@ int dsv4_prefill_indexer(void *p, struct dsv4_err *e)
             if (c >= v)
                 continue;                               /* stays NEG */
             float tot;
-            HEAD_SUM(H, (fmaxf(((float)s.s32[(t * H + h) * most + c] * s.qdq[t * H + h]) * s.kdq[c],
-                               0.0f) * s.wt[t * H + h]), tot);
+            HEAD_SUM(H, (relu(((float)s.s32[(t * H + h) * most + c] * s.qdq[t * H + h]) * s.kdq[c])
+                          * s.wt[t * H + h]), tot);
             row[c] = tot;
         }
         int64_t k = topk < v ? topk : v;

@@ -50,6 +50,17 @@ static void ffn_layout(int64_t rows, int64_t D, int64_t I, int nth, struct dsv4_
     s->rows = dsv4_take(ar, (size_t)nth * I * sizeof(float));
 }
 
+/* The golden's form sum_k (x_k * sx) * (w_k * sw), for a row or column whose scale is not
+ * finite: then every term is NaN or +-Inf, so no order of summation can change the result,
+ * where the device form (acc * sx) * sw would give Inf for the golden's NaN. */
+static float dot_nonfinite(const int8_t *x, float sx, const int8_t *w, float sw, int64_t K)
+{
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; k++)
+        acc = acc + ((float)x[k] * sx) * ((float)w[k] * sw);
+    return acc;
+}
+
 /* y[j] = bf16(FFN(x[j])) for the c rows of x (row stride D), §2.5 in device form.
  * rw: per-row routing weight folded into h's dequant scale, or NULL (shared expert). */
 static void ffn_rows(const int8_t *x, const float *sx, const float *rw, int64_t c, int64_t D,
@@ -77,6 +88,10 @@ static void ffn_rows(const int8_t *x, const float *sx, const float *rw, int64_t 
             for (int64_t n = 0; n < I; n++) {
                 float g = ((float)s->g[j * I + n] * sx[j]) * w->s1[n];
                 float v = ((float)s->u[j * I + n] * sx[j]) * w->s3[n];
+                if (!isfinite(sx[j]) || !isfinite(w->s1[n]))
+                    g = dot_nonfinite(x + j * D, sx[j], w->w1 + n * D, w->s1[n], D);
+                if (!isfinite(sx[j]) || !isfinite(w->s3[n]))
+                    v = dot_nonfinite(x + j * D, sx[j], w->w3 + n * D, w->s3[n], D);
                 if (limit > 0.0f) {           /* the gate is clamped from above only */
                     g = g > limit ? limit : g;
                     v = v > limit ? limit : (v < -limit ? -limit : v);
@@ -95,8 +110,12 @@ static void ffn_rows(const int8_t *x, const float *sx, const float *rw, int64_t 
         }
         #pragma omp barrier
         for (int64_t j = ith; j < c; j += nt)
-            for (int64_t d = 0; d < D; d++)
-                y[j * D + d] = dsv4_f32_to_bf16(((float)s->y[j * D + d] * s->rs[j]) * w->s2[d]);
+            for (int64_t d = 0; d < D; d++) {
+                float o = ((float)s->y[j * D + d] * s->rs[j]) * w->s2[d];
+                if (!isfinite(s->rs[j]) || !isfinite(w->s2[d]))
+                    o = dot_nonfinite(s->hq + j * I, s->rs[j], w->w2 + d * I, w->s2[d], I);
+                y[j * D + d] = dsv4_f32_to_bf16(o);
+            }
     }
 }
 
@@ -307,7 +326,7 @@ int dsv4_gate(void *p, struct dsv4_err *e)
                 if (hash) {
                     for (int64_t k = 0; k < K; k++)
                         idx[k] = a->tid2eid[a->input_ids[t] * K + k];
-                } else {                                 /* G5, G6: stable, lower id wins a tie */
+                } else {                 /* G5, G6: stable, lower id wins a tie, NaN last */
                     for (int64_t x = 0; x < E; x++) {
                         z[x] = sc[x] + a->gate_bias[x];
                         taken[x] = 0.0f;
@@ -315,7 +334,7 @@ int dsv4_gate(void *p, struct dsv4_err *e)
                     for (int64_t k = 0; k < K; k++) {
                         int64_t best = -1;
                         for (int64_t x = 0; x < E; x++)
-                            if (taken[x] == 0.0f && (best < 0 || z[x] > z[best]))
+                            if (taken[x] == 0.0f && (best < 0 || z[x] > z[best] || (z[best] != z[best] && z[x] == z[x])))
                                 best = x;
                         taken[best] = 1.0f;
                         idx[k] = (int32_t)best;

@@ -267,8 +267,12 @@ def prefill_sparse_attn(q, ori_kv, ori_block_table, kv_overlay, cmp_kv, cmp_bloc
     1-D ori_block_table, [WIN, WIN + T) overlay row raw - WIN (skipped if >= num_tokens),
     from WIN + T compressed slot c (skipped if c >= cmp_block_table entries * BLOCK).
     The gathered rows, compacted, are attended in tiles of 128; rows t >= num_tokens
-    are zero. Returns attn_out [T, D] bf16; with stages=True also the intermediates
-    O, Ob, o_r, q8, sdq.
+    are zero. Returns attn_out [T, D] bf16.
+
+    Stages (stages=True, spec chapter 03 §2.4-§2.6): O [T, H, HD] fp32 (attention
+    output after the sink, zero for tokens with no row), Ob [T, H, HD] bf16 (after the
+    inverse RoPE), o_r [T, G, O_LORA] fp32 (first projection), q8 [T, G, O_LORA] int8,
+    sdq [T, G] fp32 (its per-(token, group) dequant scales).
     """
     cfg = get_config(config)
     q, ori_kv, wo_a, wo_b, freqs_cos, freqs_sin = (
@@ -416,7 +420,12 @@ def decode_sparse_attn(q, ori_kv, ori_block_table, mtp_kv_overlay, cmp_kv, cmp_b
     ring slot, [WIN, WIN + S) the request's current token raw - WIN, from WIN + S a
     compressed slot through the request's cmp_block_table row. Positional tiles of 128
     columns, masked; duplicates count twice. valid_block_mask is ignored. Returns
-    attn_out [T, D] bf16 (and the stages with stages=True).
+    attn_out [T, D] bf16.
+
+    Stages (stages=True, spec chapter 03 §2.4-§2.6): O [T, H, HD] fp32 (attention
+    output after the sink, zero for tokens with no row), Ob [T, H, HD] bf16 (after the
+    inverse RoPE), o_r [T, G, O_LORA] fp32 (first projection), q8 [T, G, O_LORA] int8,
+    sdq [T, G] fp32 (its per-(token, group) dequant scales).
     """
     return _positional("decode_sparse_attn", q, ori_kv, ori_block_table, mtp_kv_overlay, cmp_kv,
                        cmp_block_table, cmp_sparse_indices, attn_sink, freqs_cos, freqs_sin,
@@ -428,7 +437,13 @@ def decode_sparse_attn_hca(q, ori_kv, ori_block_table, mtp_kv_overlay, cmp_kv, c
                            cmp_sparse_indices, attn_sink, freqs_cos, freqs_sin, wo_a, wo_b,
                            wo_b_scale, *, config=None, stages=False):
     """Decode sparse attention, HCA (§6): the CSA computation over all K (384) columns of
-    the index row, including those past the module's TOPK."""
+    the index row, including those past the module's TOPK.
+
+    Stages (stages=True, spec chapter 03 §2.4-§2.6): O [T, H, HD] fp32 (attention
+    output after the sink, zero for tokens with no row), Ob [T, H, HD] bf16 (after the
+    inverse RoPE), o_r [T, G, O_LORA] fp32 (first projection), q8 [T, G, O_LORA] int8,
+    sdq [T, G] fp32 (its per-(token, group) dequant scales).
+    """
     return _positional("decode_sparse_attn_hca", q, ori_kv, ori_block_table, mtp_kv_overlay,
                        cmp_kv, cmp_block_table, cmp_sparse_indices, attn_sink, freqs_cos,
                        freqs_sin, wo_a, wo_b, wo_b_scale, config, stages)
@@ -444,6 +459,11 @@ def decode_sparse_attn_swa(q, ori_kv, ori_block_table, mtp_kv_overlay, cmp_spars
     (one tile per 128 slots), the last tile the overlay block: rows 0..T-1 =
     mtp_kv_overlay, rows T..127 zero (so T <= 128). cmp_kv, cmp_block_table and
     win_bias are ignored.
+
+    Stages (stages=True, spec chapter 03 §2.4-§2.6): O [T, H, HD] fp32 (attention
+    output after the sink, zero for tokens with no row), Ob [T, H, HD] bf16 (after the
+    inverse RoPE), o_r [T, G, O_LORA] fp32 (first projection), q8 [T, G, O_LORA] int8,
+    sdq [T, G] fp32 (its per-(token, group) dequant scales).
     """
     kern = "decode_sparse_attn_swa"
     q, ori_kv, wo_a, wo_b, freqs_cos, freqs_sin = (

@@ -15,7 +15,7 @@ and writes them back once every stage has run.
 
 With stages=True a block also returns the intermediates an NPU engineer dumps when a block
 fails, under "stages" (names as in the C kernel's stages): x_mixed, post, comb, x_normed,
-q, kv, qr, qr_scale, the decode compressor's fp32 entry (compressed_kv), the indexer's
+qr, qr_scale, q, kv, the decode compressor's fp32 entry (compressed_kv), the indexer's
 topk_idxs, the sparse index rows the block built (sparse_indices, and sparse_lens in
 prefill) and attn_out.
 """
@@ -105,8 +105,9 @@ def _front(kernel, x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w, w
     R = cfg.qk_rope_head_dim
     rope_cos, rope_sin = gather_rope_rows(freqs_cos, freqs_sin, pos)
     rope_cos, rope_sin = rope_cos[:, :R], rope_sin[:, :R]
-    st.update(qkv.qkv_proj_rope(st["x_normed"], wq_a, wq_b, wq_b_scale, wkv, rope_cos, rope_sin,
-                                gamma_cq, gamma_ckv, config=cfg))
+    proj = qkv.qkv_proj_rope(st["x_normed"], wq_a, wq_b, wq_b_scale, wkv, rope_cos, rope_sin,
+                             gamma_cq, gamma_ckv, config=cfg)
+    st.update((name, proj[name]) for name in ("qr", "qr_scale", "q", "kv"))   # computation order
     return st, pos, rope_cos, rope_sin
 
 
@@ -178,7 +179,12 @@ def decode_attention_swa(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_nor
     of S = T / B tokens. Token t attends the request's ring page (the window of its
     position, its own slot replaced by the overlay) and its own kv; kv_cache is updated in
     place after the attention at ori_slot_mapping. cmp_kv and cmp_block_table are accepted
-    and not read. Returns x_out [T, HC, D] bf16 and kv_cache."""
+    and not read. Returns x_out [T, HC, D] bf16 and kv_cache.
+
+    Stages (stages=True, the C kernel's too; spec chapter 06 §3.1): x_mixed [T, D] bf16, post [T, HC] fp32, comb [T, HC*HC] fp32 (hc_pre), x_normed [T, D]
+    bf16 (rms_norm), qr [T, Q] int8, qr_scale [T, 1] fp32, q [T, H, HD] bf16, kv [T, HD]
+    bf16 (qkv_proj_rope),
+    sparse_indices [T, WIN] int32 (the window index rows), attn_out [T, D] bf16."""
     kern = "decode_attention_swa"
     cfg = get_config(config)
     WIN = cfg.sliding_window
@@ -225,6 +231,12 @@ def decode_attention_hca(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_nor
     cmp_kv row at a window's last token), then attention over the ring page in physical
     order (tile 0), the overlay and every visible compressed row (from column WIN + S),
     the ring write-back and hc_post. Updates compress_state, cmp_kv and kv_cache in place.
+
+    Stages (stages=True, the C kernel's too; spec chapter 06 §3.2): x_mixed [T, D] bf16, post [T, HC] fp32, comb [T, HC*HC] fp32 (hc_pre), x_normed [T, D]
+    bf16 (rms_norm), qr [T, Q] int8, qr_scale [T, 1] fp32, q [T, H, HD] bf16, kv [T, HD]
+    bf16 (qkv_proj_rope),
+    compressed_kv [B, 1, HD] fp32 (the compressor's kv), sparse_indices [T, K] int32 (K =
+    hca_index_width), attn_out [T, D] bf16.
     """
     kern = "decode_attention_hca"
     cfg = get_config(config)
@@ -289,7 +301,13 @@ def decode_attention_csa(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_nor
     attention over the window (column 0..WIN-1, the token's own slot as overlay) and the
     indexer's rows that are visible (min((p+1)//4, kv_seq_lens // 4), kept in place, -1
     gaps), ring write-back, hc_post. Updates compress_state, inner_compress_state, cmp_kv,
-    idx_kv_cache and kv_cache in place."""
+    idx_kv_cache and kv_cache in place.
+
+    Stages (stages=True, the C kernel's too; spec chapter 06 §3.3): x_mixed [T, D] bf16, post [T, HC] fp32, comb [T, HC*HC] fp32 (hc_pre), x_normed [T, D]
+    bf16 (rms_norm), qr [T, Q] int8, qr_scale [T, 1] fp32, q [T, H, HD] bf16, kv [T, HD]
+    bf16 (qkv_proj_rope),
+    compressed_kv [B, 1, HD] fp32 (the compressor's kv), topk_idxs [B, 1, MAXS // 4] int32
+    (the indexer's), sparse_indices [T, WIN + index_topk] int32, attn_out [T, D] bf16."""
     kern = "decode_attention_csa"
     cfg = get_config(config)
     WIN, R = cfg.sliding_window, 4
@@ -368,7 +386,12 @@ def prefill_attention_swa(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_no
     num_tokens (default T) active. Attention over the rows cmp_sparse_indices /
     cmp_sparse_lens name (ring slots, overlay rows WIN + t), then the active rows' kv into
     kv_cache at ori_slot_mapping, then hc_post. Rows past num_tokens flow through hc_pre
-    and the projections; their attention output is zero and they write nothing."""
+    and the projections; their attention output is zero and they write nothing.
+
+    Stages (stages=True, the C kernel's too; spec chapter 06 §4.1): x_mixed [T, D] bf16, post [T, HC] fp32, comb [T, HC*HC] fp32 (hc_pre), x_normed [T, D]
+    bf16 (rms_norm), qr [T, Q] int8, qr_scale [T, 1] fp32, q [T, H, HD] bf16, kv [T, HD]
+    bf16 (qkv_proj_rope),
+    attn_out [T, D] bf16."""
     kern = "prefill_attention_swa"
     cfg = get_config(config)
     st, pos, cos, sin = _front(kern, x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w,
@@ -401,7 +424,12 @@ def prefill_attention_hca(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_no
     """One prefill tile of an HCA layer (§4.2): the ratio-128 prefill compressor (both
     state pools, and the compressed row of a token that ends a window, into cmp_kv), then
     attention over the rows the given index rows name (ring, overlay, compressed from
-    WIN + T), ring write-back, hc_post."""
+    WIN + T), ring write-back, hc_post.
+
+    Stages (stages=True, the C kernel's too; spec chapter 06 §4.2): x_mixed [T, D] bf16, post [T, HC] fp32, comb [T, HC*HC] fp32 (hc_pre), x_normed [T, D]
+    bf16 (rms_norm), qr [T, Q] int8, qr_scale [T, 1] fp32, q [T, H, HD] bf16, kv [T, HD]
+    bf16 (qkv_proj_rope),
+    attn_out [T, D] bf16."""
     kern = "prefill_attention_hca"
     cfg = get_config(config)
     st, pos, cos, sin = _front(kern, x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w,
@@ -470,7 +498,13 @@ def prefill_attention_csa(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_no
     indexer (inner compressor, then the top compressed slots per token, raw offset
     WIN + T), the block's own sparse index rows (window with overlay, then the visible
     indexer slots, compacted up to the attention's pad), attention, ring write-back,
-    hc_post. Updates every state pool, cmp_kv, idx_kv_cache and kv_cache in place."""
+    hc_post. Updates every state pool, cmp_kv, idx_kv_cache and kv_cache in place.
+
+    Stages (stages=True, the C kernel's too; spec chapter 06 §4.3): x_mixed [T, D] bf16, post [T, HC] fp32, comb [T, HC*HC] fp32 (hc_pre), x_normed [T, D]
+    bf16 (rms_norm), qr [T, Q] int8, qr_scale [T, 1] fp32, q [T, H, HD] bf16, kv [T, HD]
+    bf16 (qkv_proj_rope),
+    topk_idxs [T, CAP] int32 (the indexer's), sparse_indices [T, WIN + index_topk] int32,
+    sparse_lens [T] int32 (the index rows the block built), attn_out [T, D] bf16."""
     kern = "prefill_attention_csa"
     cfg = get_config(config)
     WIN = cfg.sliding_window

@@ -97,10 +97,18 @@ def _rope_dims(kernel, m, name, a, rows):
 
 
 def _finish(pooled, norm_w, cos_row, sin_row, m):
-    """RMSNorm with gamma (§4.2.5), then RoPE on the last rd columns (§4.2.6); fp32."""
-    y = rms_norm(pooled, norm_w, m.eps)
+    """RMSNorm with gamma (§4.2.5), then RoPE on the last rd columns (§4.2.6); fp32.
+    Returns (normed, roped)."""
+    normed = rms_norm(pooled, norm_w, m.eps)
+    y = normed.copy()
     y[m.nd:] = rope_interleaved_f32(y[m.nd:], f32(cos_row)[:m.rd // 2], f32(sin_row)[:m.rd // 2])
-    return y
+    return normed, y
+
+
+def _stage_rows(rows, OD, HD):
+    """Zeroed per-token stages of a compressor: rows of the entry each token completes."""
+    st = {name: np.zeros((rows, OD), np.float32) for name in ("kv_proj", "score_proj")}
+    return st, {name: np.zeros((rows, HD), np.float32) for name in ("pooled", "normed", "roped")}
 
 
 def _projections(x2, wkv, wgate):
@@ -122,7 +130,7 @@ def _window(R, p, HD):
 # ------------------------------------------------------------------------ decode
 
 def _decode(kernel, R, x, compress_state, table, wkv, wgate, ape, norm_w, cos, sin, cache,
-            position_ids, cmp_slot_mapping, state_slot_mapping, config):
+            position_ids, cmp_slot_mapping, state_slot_mapping, config, stages):
     cfg = get_config(config)
     B, S, D = _dims(kernel, "x", x, ["B", "S", "D"])
     if S != 1:
@@ -198,19 +206,26 @@ def _decode(kernel, R, x, compress_state, table, wkv, wgate, ape, norm_w, cos, s
 
     kv = np.zeros((B, S, HD), np.float32)
     cos, sin = f32(cos), f32(sin)
+    st, rows = _stage_rows(B, OD, HD)
     for b, v in pooled.items():
-        y = _finish(v, norm_w, cos[b], sin[b], m)
+        normed, y = _finish(v, norm_w, cos[b], sin[b], m)
+        rows["pooled"][b], rows["normed"][b], rows["roped"][b] = v, normed, y
         c = int(cmp_rows[b])
         if c >= 0:                                      # -1: an uncommitted boundary
             kv[b, 0] = y
             cache[c // BLOCK, c % BLOCK, 0] = bf16_rne(y)
-    return {"kv": kv, "compress_state": compress_state, "cmp_kv_cache": cache}
+    out = {"kv": kv, "compress_state": compress_state, "cmp_kv_cache": cache}
+    if stages:
+        st.update(kv_proj=K, score_proj=G, compress_state=compress_state, **rows, kv=kv,
+                  cmp_kv_cache=cache)
+        out["stages"] = st
+    return out
 
 
 @writes_outputs("kv", inouts=("compress_state", "cmp_kv_cache"))
 def decode_compressor_ratio4(x, compress_state, compress_state_block_table, wkv, wgate, ape,
                              norm_w, cos, sin, cmp_kv_cache, position_ids, cmp_slot_mapping,
-                             state_slot_mapping, *, config=None):
+                             state_slot_mapping, *, config=None, stages=False):
     """One decode step of the CSA main compressor (ratio 4, overlap; spec §4.4).
 
     x [B, 1, D] bf16; compress_state [NB, PAGE, 4 HD] fp32 (rows [K_front | K_back |
@@ -225,32 +240,42 @@ def decode_compressor_ratio4(x, compress_state, compress_state_block_table, wkv,
     the pooled row and, if cmp_slot_mapping[b, 0] >= 0, writes it to kv[b, 0] (fp32) and
     to that cmp_kv_cache row (bf16). Returns {"kv", "compress_state", "cmp_kv_cache"};
     the last two are the arguments, updated.
+
+    Stages (stages=True, spec chapter 04 §4.4; outputs appear where they are computed):
+    kv_proj [B, 2 HD] fp32 (K = x wkv^T), score_proj [B, 2 HD] fp32 (G' = x wgate^T +
+    ape[p mod 4], the row stored in the state), compress_state, then per request the
+    entry its token completes (zero rows for the others): pooled [B, HD] fp32 (softmax
+    pool, before the norm), normed [B, HD] fp32 (RMSNorm with norm_w), roped [B, HD] fp32
+    (after RoPE, before the bf16 rounding); kv, cmp_kv_cache.
     """
     return _decode("decode_compressor_ratio4", 4, x, compress_state, compress_state_block_table,
                    wkv, wgate, ape, norm_w, cos, sin, cmp_kv_cache, position_ids,
-                   cmp_slot_mapping, state_slot_mapping, config)
+                   cmp_slot_mapping, state_slot_mapping, config, stages)
 
 
 @writes_outputs("kv", inouts=("compress_state", "cmp_kv_cache"))
 def decode_compressor_ratio128(x, compress_state, compress_state_block_table, wkv, wgate, ape,
                                norm_w, cos, sin, cmp_kv_cache, position_ids, cmp_slot_mapping,
-                               state_slot_mapping, *, config=None):
+                               state_slot_mapping, *, config=None, stages=False):
     """One decode step of the HCA compressor (ratio 128, no overlap; spec §4.5).
 
     As decode_compressor_ratio4 with compress_state [NB, PAGE, 2 HD] (rows [K | G']),
     wkv, wgate [HD, D], ape [128, HD]: a request with p mod 128 == 127 pools the 128 rows
     of positions p - 127 .. p (missing rows: kv 0, score -inf).
+
+    Stages (stages=True) as decode_compressor_ratio4's (spec §4.5): kv_proj, score_proj
+    (here [B, HD]), compress_state, pooled, normed, roped, kv, cmp_kv_cache.
     """
     return _decode("decode_compressor_ratio128", 128, x, compress_state,
                    compress_state_block_table, wkv, wgate, ape, norm_w, cos, sin, cmp_kv_cache,
-                   position_ids, cmp_slot_mapping, state_slot_mapping, config)
+                   position_ids, cmp_slot_mapping, state_slot_mapping, config, stages)
 
 
 # ----------------------------------------------------------------------- prefill
 
 def _prefill(kernel, R, x, kv_state, score_state, table, wkv, wgate, ape, norm_w, freqs_cos,
              freqs_sin, cmp_kv, position_ids, cmp_slot_mapping, state_slot_mapping, num_tokens,
-             config):
+             config, stages):
     cfg = get_config(config)
     T, D = _dims(kernel, "x", x, ["T", "D"])
     m = _Model(kernel, R, D, wkv, wgate, ape, norm_w, cfg)
@@ -331,6 +356,7 @@ def _prefill(kernel, R, x, kv_state, score_state, table, wkv, wgate, ape, norm_w
     Gp = G[:n] + f32(ape)[pos_n % R]
     cos, sin = freqs_cos, freqs_sin
     SL = m.COFF * R
+    st, rows = _stage_rows(T, OD, HD)
     for t0, dst, wp, reads in entries:
         cur = wp + 1 - R
         kv_rows = np.zeros((SL, HD), np.float32)
@@ -358,7 +384,8 @@ def _prefill(kernel, R, x, kv_state, score_state, table, wkv, wgate, ape, norm_w
             pooled = softmax_pool_online(kv_rows, sc_rows, order)
         else:
             pooled = softmax_pool(kv_rows, sc_rows)
-        y = _finish(pooled, norm_w, np.asarray(cos[cur]), np.asarray(sin[cur]), m)
+        normed, y = _finish(pooled, norm_w, np.asarray(cos[cur]), np.asarray(sin[cur]), m)
+        rows["pooled"][t0], rows["normed"][t0], rows["roped"][t0] = pooled, normed, y
         cmp_kv[dst // BLOCK, dst % BLOCK, 0] = bf16_rne(y)
 
     for t in range(n):                                  # the chunk's state rows, after pooling
@@ -366,13 +393,18 @@ def _prefill(kernel, R, x, kv_state, score_state, table, wkv, wgate, ape, norm_w
         if r >= 0:
             kv_state[r // PAGE, r % PAGE] = K[t]
             score_state[r // PAGE, r % PAGE] = Gp[t]
-    return {"kv_state": kv_state, "score_state": score_state, "cmp_kv": cmp_kv}
+    out = {"kv_state": kv_state, "score_state": score_state, "cmp_kv": cmp_kv}
+    if stages:
+        st["kv_proj"][:n], st["score_proj"][:n] = K[:n], Gp
+        st.update(**rows, cmp_kv=cmp_kv, kv_state=kv_state, score_state=score_state)
+        out["stages"] = st
+    return out
 
 
 def prefill_compressor_ratio4(x, kv_state, score_state, compress_state_block_table, wkv, wgate,
                               ape, norm_w, freqs_cos, freqs_sin, cmp_kv, position_ids,
                               cmp_slot_mapping, state_slot_mapping, num_tokens=None, *,
-                              config=None):
+                              config=None, stages=False):
     """One prefill chunk of the CSA main compressor (ratio 4, overlap; spec §4.6).
 
     x [T, D] bf16; kv_state, score_state [NB, PAGE, 2 HD] fp32; compress_state_block_table
@@ -388,16 +420,23 @@ def prefill_compressor_ratio4(x, kv_state, score_state, compress_state_block_tab
     online recurrence, normalised, rotated with RoPE row wp-3, written as bf16. Then the
     chunk's rows [K], [G + ape[p mod 4]] go to the state. Returns {"kv_state",
     "score_state", "cmp_kv"}: the arguments, updated.
+
+    Stages (stages=True, spec chapter 04 §4.6; outputs appear where they are computed):
+    kv_proj [T, 2 HD] fp32 (K), score_proj [T, 2 HD] fp32 (G + ape[p mod 4]), both zero
+    from num_tokens on; then per token the entry it completes (zero rows for the others):
+    pooled [T, HD] fp32 (online softmax pool, before the norm), normed [T, HD] fp32,
+    roped [T, HD] fp32 (before the bf16 rounding); cmp_kv, kv_state, score_state.
     """
     return _prefill("prefill_compressor_ratio4", 4, x, kv_state, score_state,
                     compress_state_block_table, wkv, wgate, ape, norm_w, freqs_cos, freqs_sin,
-                    cmp_kv, position_ids, cmp_slot_mapping, state_slot_mapping, num_tokens, config)
+                    cmp_kv, position_ids, cmp_slot_mapping, state_slot_mapping, num_tokens, config,
+                    stages)
 
 
 def prefill_compressor_ratio128(x, kv_state, score_state, compress_state_block_table, wkv, wgate,
                                 ape, norm_w, freqs_cos, freqs_sin, cmp_kv, position_ids,
                                 cmp_slot_mapping, state_slot_mapping, num_tokens=None, *,
-                                config=None):
+                                config=None, stages=False):
     """One prefill chunk of the HCA compressor (ratio 128, no overlap; spec §4.7).
 
     As prefill_compressor_ratio4 with kv_state, score_state [NB, PAGE, HD], wkv, wgate
@@ -405,7 +444,11 @@ def prefill_compressor_ratio128(x, kv_state, score_state, compress_state_block_t
     of position wp-127+i (missing rows kv 0 and score 0, spec Q2), then every chunk token
     with p <= wp laid over slot p mod 128 (pypto-lib's rule, right while a chunk spans at
     most 128 positions, spec Q12), in batch form; RoPE row wp-127.
+
+    Stages (stages=True) as prefill_compressor_ratio4's (spec §4.7): kv_proj, score_proj
+    (here [T, HD]), pooled (batch form), normed, roped, cmp_kv, kv_state, score_state.
     """
     return _prefill("prefill_compressor_ratio128", 128, x, kv_state, score_state,
                     compress_state_block_table, wkv, wgate, ape, norm_w, freqs_cos, freqs_sin,
-                    cmp_kv, position_ids, cmp_slot_mapping, state_slot_mapping, num_tokens, config)
+                    cmp_kv, position_ids, cmp_slot_mapping, state_slot_mapping, num_tokens, config,
+                    stages)

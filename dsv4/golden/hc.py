@@ -47,11 +47,16 @@ def _seq_sum(c, axis):
 
 
 @writes_outputs("x_mixed", "post", "comb")
-def hc_pre(x, hc_fn, hc_scale, hc_base, *, config=None):
+def hc_pre(x, hc_fn, hc_scale, hc_base, *, config=None, stages=False):
     """x [T, HC, D] bf16, hc_fn [(2+HC)*HC, HC*D] fp32, hc_scale [3], hc_base [(2+HC)*HC].
 
     Returns x_mixed [T, D] bf16 (ties-away rounding), post [T, HC] fp32,
     comb [T, HC*HC] fp32 (row i = input stream, column j = output stream).
+
+    Stages (stages=True, spec chapter 01 §6.2; outputs appear where they are computed):
+    mix [T, (2+HC)*HC] fp32 (the mixes, after the 1/rms), pre [T, HC] fp32 (pre weights),
+    post, comb_logits [T, HC*HC] fp32 (L), comb, y [T, D] fp32 (the stream collapse
+    before the ties-away rounding), x_mixed.
     """
     cfg = get_config(config)
     T, HC, _ = x.shape
@@ -66,13 +71,21 @@ def hc_pre(x, hc_fn, hc_scale, hc_base, *, config=None):
     y = np.zeros((T, x.shape[2]), np.float32)
     for h in range(HC):
         y = y + xf[:, h, :] * pre[:, h:h + 1]
-    return {"x_mixed": bf16_haz(y), "post": post, "comb": comb.reshape(T, HC * HC)}
+    out = {"x_mixed": bf16_haz(y), "post": post, "comb": comb.reshape(T, HC * HC)}
+    if stages:
+        out["stages"] = {"mix": mix, "pre": pre, "post": post,
+                         "comb_logits": logits.reshape(T, HC * HC), "comb": out["comb"], "y": y,
+                         "x_mixed": out["x_mixed"]}
+    return out
 
 
 @writes_outputs("y")
-def hc_post(x, residual, post, comb):
+def hc_post(x, residual, post, comb, *, stages=False):
     """y[t, o] = bf16(x[t] * post[t, o] + sum_i residual[t, i] * comb[t, HC*i + o]),
-    added in the order x, i = 0, 1, ..., HC-1."""
+    added in the order x, i = 0, 1, ..., HC-1.
+
+    Stages (stages=True, spec chapter 01 §7.2): acc [T, HC, D] fp32, the sum before the
+    bf16 rounding."""
     T, HC, D = residual.shape
     xf, rf = f32(x), f32(residual)
     p, c = f32(post), f32(comb).reshape(T, HC, HC)
@@ -82,13 +95,19 @@ def hc_post(x, residual, post, comb):
         for i in range(HC):
             acc = acc + rf[:, i, :] * c[:, i, o:o + 1]
         y[:, o, :] = acc
-    return {"y": bf16_rne(y)}
+    out = {"y": bf16_rne(y)}
+    if stages:
+        out["stages"] = {"acc": y}
+    return out
 
 
 @writes_outputs("y")
-def hc_head(x_hc, hc_head_fn, hc_head_scale, hc_head_base, *, config=None):
+def hc_head(x_hc, hc_head_fn, hc_head_scale, hc_head_base, *, config=None, stages=False):
     """x_hc [T, HC, D] bf16 -> y [T, D] bf16: sigmoid weights, pairwise collapse
-    ((x0 p0 + x1 p1) + (x2 p2 + x3 p3)), ties-away rounding. Any T."""
+    ((x0 p0 + x1 p1) + (x2 p2 + x3 p3)), ties-away rounding. Any T.
+
+    Stages (stages=True, spec chapter 01 §8.2): mix [T, HC] fp32, pre [T, HC] fp32,
+    y_f32 [T, D] fp32 (the collapse before the ties-away rounding)."""
     cfg = get_config(config)
     HC = x_hc.shape[1]
     mix = _mix(x_hc, hc_head_fn, cfg)
@@ -96,4 +115,7 @@ def hc_head(x_hc, hc_head_fn, hc_head_scale, hc_head_base, *, config=None):
     terms = [f32(x_hc)[:, h, :] * pre[:, h:h + 1] for h in range(HC)]
     while len(terms) > 1:       # pairwise tree: (t0 + t1) + (t2 + t3)
         terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
-    return {"y": bf16_haz(terms[0])}
+    out = {"y": bf16_haz(terms[0])}
+    if stages:
+        out["stages"] = {"mix": mix, "pre": pre, "y_f32": terms[0]}
+    return out

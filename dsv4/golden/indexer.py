@@ -102,14 +102,28 @@ class _Compressor:
         self.MAXS = cfg.max_position_embeddings
         self.eps = cfg.rms_norm_eps
 
-    def finish(self, pooled, cos, sin, hadamard, norm_w):
+    def finish(self, pooled, cos, sin, hadamard, norm_w, st=None, row=None):
         """§4.8 steps 3-5 / §4.9 steps 6-8: RMSNorm with gamma, RoPE on the last rd dims of
-        the unrounded fp32 vector, bf16, then v · H. Returns k (fp32)."""
+        the unrounded fp32 vector, bf16, then v · H. Returns k (fp32); fills row `row` of
+        the stages in `st` if given."""
         y = rms_norm(pooled, norm_w, self.eps)
         v = np.empty(y.shape, BF16)
         v[..., :self.nd] = bf16_rne(y[..., :self.nd])
         v[..., self.nd:] = rope_interleaved(y[..., self.nd:], cos, sin)
-        return np.matmul(f32(v), f32(hadamard))
+        k = np.matmul(f32(v), f32(hadamard))
+        if st is not None:
+            st["pooled"][row], st["normed"][row], st["roped"][row], st["keys"][row] = \
+                pooled, y, v, k
+        return k
+
+    def stage_rows(self, rows):
+        """Zeroed per-token stages: the projections, then the key each token commits."""
+        st = {"kv_proj": np.zeros((rows, self.OD), np.float32),
+              "score_proj": np.zeros((rows, self.OD), np.float32)}
+        st.update({name: np.zeros((rows, self.HD), np.float32) for name in ("pooled", "normed")})
+        st["roped"] = np.zeros((rows, self.HD), BF16)
+        st["keys"] = np.zeros((rows, self.HD), np.float32)
+        return st
 
 
 # ------------------------------------------------------------ decode compressor
@@ -165,9 +179,10 @@ class _DecodeCompressor(_Compressor):
                f"is outside the {self.cache_rows} rows of idx_kv_cache")
         self.pos, self.srow, self.crow, self.tbl = pos, srow, crow, tbl
 
-    def run(self, x, state, wkv, wgate, ape, norm_w, cos, sin, hadamard, cache, kv):
+    def run(self, x, state, wkv, wgate, ape, norm_w, cos, sin, hadamard, cache, kv, st=None):
         """Steps 1-6 of §4.8. kv [B, 1, HD] fp32 receives the keys of committing requests
-        (other rows untouched); state and cache are written in place."""
+        (other rows untouched); state and cache are written in place. `st` (from
+        stage_rows) receives the stages."""
         HD, OD, PAGE = self.HD, self.OD, self.PAGE
         xf = f32(x)[:, 0]
         K = np.matmul(xf, f32(wkv).T)
@@ -177,6 +192,8 @@ class _DecodeCompressor(_Compressor):
         for b in range(self.B):
             p = int(self.pos[b])
             Gp = G[b] + ape[p % RATIO]
+            if st is not None:
+                st["kv_proj"][b], st["score_proj"][b] = K[b], Gp
             r = int(self.srow[b])
             if r >= 0:
                 state[r // PAGE, r % PAGE, :OD] = K[b]
@@ -201,7 +218,7 @@ class _DecodeCompressor(_Compressor):
             pooled[b] = softmax_pool(kvs, scs)
         for b, pb in pooled.items():
             k = self.finish(pb, f32(cos)[b, :self.rd // 2], f32(sin)[b, :self.rd // 2], hadamard,
-                            norm_w)
+                            norm_w, st, b)
             row = int(self.crow[b])
             if row >= 0:
                 kv[b, 0] = k
@@ -216,7 +233,8 @@ _DECODE_NAMES["state_slot_mapping"] = "inner_state_slot_mapping"
 @writes_outputs("kv", inouts=("compress_state", "idx_kv_cache"))
 def decode_indexer_compressor(x, compress_state, compress_state_block_table, wkv, wgate, ape,
                               norm_w, cos, sin, hadamard, idx_kv_cache, position_ids,
-                              idx_slot_mapping, inner_state_slot_mapping, *, config=None):
+                              idx_slot_mapping, inner_state_slot_mapping, *, config=None,
+                              stages=False):
     """One decode step of the indexer-key compressor (§4.8), B requests of S = 1 token.
 
     Appends each token's projections [K | G + ape] to compress_state; a request whose
@@ -225,6 +243,13 @@ def decode_indexer_compressor(x, compress_state, compress_state_block_table, wkv
     hadamard. If idx_slot_mapping[b, 0] >= 0: kv[b, 0] = the fp32 key and idx_kv_cache
     row = bf16(key). Returns kv [B, 1, HD] fp32 plus compress_state and idx_kv_cache,
     both updated in place.
+
+    Stages (stages=True, spec chapter 04 §4.8; outputs appear where they are computed):
+    kv_proj [B, 2 HD] fp32 (K), score_proj [B, 2 HD] fp32 (G + ape[p mod 4]),
+    compress_state, then per request the key its token commits (zero rows for the
+    others): pooled [B, HD] fp32 (softmax pool, before the norm), normed [B, HD] fp32
+    (RMSNorm with norm_w), roped [B, HD] bf16 (after RoPE, rounded), keys [B, HD] fp32
+    (roped · hadamard, before the bf16 rounding); kv, idx_kv_cache.
     """
     cfg = get_config(config)
     k = "decode_indexer_compressor"
@@ -232,8 +257,21 @@ def decode_indexer_compressor(x, compress_state, compress_state_block_table, wkv
                           norm_w, cos, sin, hadamard, idx_kv_cache, position_ids, idx_slot_mapping,
                           inner_state_slot_mapping, _DECODE_NAMES)
     kv = np.zeros((c.B, 1, c.HD), np.float32)
-    c.run(x, compress_state, wkv, wgate, ape, norm_w, cos, sin, hadamard, idx_kv_cache, kv)
-    return {"kv": kv, "compress_state": compress_state, "idx_kv_cache": idx_kv_cache}
+    st = c.stage_rows(c.B) if stages else None
+    c.run(x, compress_state, wkv, wgate, ape, norm_w, cos, sin, hadamard, idx_kv_cache, kv, st)
+    out = {"kv": kv, "compress_state": compress_state, "idx_kv_cache": idx_kv_cache}
+    if stages:
+        out["stages"] = _decode_key_stages(st, "", compress_state, kv, idx_kv_cache)
+    return out
+
+
+def _decode_key_stages(st, prefix, state, kv, cache):
+    """The decode key compressor's stages in the order of §4.8: the state is written
+    before the window is pooled."""
+    names = ("kv_proj", "score_proj", "compress_state", "pooled", "normed", "roped", "keys",
+             "kv", "idx_kv_cache")
+    st = {**st, "compress_state": state, "kv": kv, "idx_kv_cache": cache}
+    return {(prefix + n if n != "idx_kv_cache" else n): st[n] for n in names}
 
 
 # ----------------------------------------------------------- prefill compressor
@@ -308,14 +346,17 @@ class _PrefillCompressor(_Compressor):
         return -1 if blk < 0 else blk * self.PAGE + q % self.PAGE
 
     def run(self, x, kv_state, score_state, wkv, wgate, ape, norm_w, freqs_cos, freqs_sin,
-            hadamard, cache, kv):
-        """§4.9 steps 1-10. kv [W, HD] bf16 receives the i-th written key (i < W)."""
+            hadamard, cache, kv, st=None):
+        """§4.9 steps 1-10. kv [W, HD] bf16 receives the i-th written key (i < W). `st`
+        (from stage_rows) receives the stages."""
         HD, OD, PAGE, R = self.HD, self.OD, self.PAGE, RATIO
         xf = f32(x)
         K = np.matmul(xf, f32(wkv).T)
         G = np.matmul(xf, f32(wgate).T)
         pos, n = self.pos, self.n
         Gp = G + f32(ape)[pos % R]
+        if st is not None:
+            st["kv_proj"][:n], st["score_proj"][:n] = K[:n], Gp[:n]
         kv_flat = kv_state.reshape(-1, OD)
         sc_flat = score_state.reshape(-1, OD)
         half = self.rd // 2
@@ -347,7 +388,7 @@ class _PrefillCompressor(_Compressor):
             with np.errstate(invalid="ignore"):
                 pooled = softmax_pool_online(kvs, scs, order)
             k = self.finish(pooled, f32(freqs_cos[cur, :half]), f32(freqs_sin[cur, :half]),
-                            hadamard, norm_w)
+                            hadamard, norm_w, st, t0)
             kb = bf16_rne(k)
             d = int(self.dst[t0])
             cache[d // self.BLOCK, d % self.BLOCK, 0] = kb
@@ -375,7 +416,8 @@ def max_cmp_writes(T):
 def prefill_indexer_compressor(x, kv_state, score_state, inner_compress_state_block_table, wkv,
                                wgate, ape, norm_w, freqs_cos, freqs_sin, hadamard, idx_kv_cache,
                                idx_block_table, position_ids, idx_slot_mapping,
-                               inner_state_slot_mapping, num_tokens=None, *, config=None):
+                               inner_state_slot_mapping, num_tokens=None, *, config=None,
+                               stages=False):
     """One prefill chunk of the indexer-key compressor (§4.9), x [T, D].
 
     Every token t < num_tokens (default T) with idx_slot_mapping[t] >= 0 commits one key:
@@ -385,6 +427,14 @@ def prefill_indexer_compressor(x, kv_state, score_state, inner_compress_state_bl
     W = max(1, T // 4)) to kv in write order. Then the chunk's projections are appended to
     kv_state / score_state. idx_block_table is accepted and not read (quirk Q18).
     Returns kv [W, HD] bf16, kv_state, score_state, idx_kv_cache (in place).
+
+    Stages (stages=True, spec chapter 04 §4.9; outputs appear where they are computed):
+    kv_proj [T, 2 HD] fp32 (K), score_proj [T, 2 HD] fp32 (G + ape[p mod 4]), both zero
+    from num_tokens on; then per token the key it commits (zero rows for the others):
+    pooled [T, HD] fp32 (softmax pool, before the norm), normed [T, HD] fp32
+    (RMSNorm with norm_w), roped [T, HD] bf16 (after RoPE, rounded), keys [T, HD] fp32
+    (roped · hadamard, before the bf16 rounding); idx_kv_cache, kv,
+    kv_state, score_state (written back last).
     """
     cfg = get_config(config)
     c = _PrefillCompressor("prefill_indexer_compressor", cfg, x, kv_state, score_state,
@@ -392,10 +442,15 @@ def prefill_indexer_compressor(x, kv_state, score_state, inner_compress_state_bl
                            freqs_sin, hadamard, idx_kv_cache, position_ids, num_tokens,
                            idx_slot_mapping, inner_state_slot_mapping, _PREFILL_NAMES)
     kv = np.zeros((max_cmp_writes(c.T), c.HD), BF16)
+    st = c.stage_rows(c.T) if stages else None
     c.run(x, kv_state, score_state, wkv, wgate, ape, norm_w, freqs_cos, freqs_sin, hadamard,
-          idx_kv_cache, kv)
-    return {"kv": kv, "kv_state": kv_state, "score_state": score_state,
-            "idx_kv_cache": idx_kv_cache}
+          idx_kv_cache, kv, st)
+    out = {"kv": kv, "kv_state": kv_state, "score_state": score_state,
+           "idx_kv_cache": idx_kv_cache}
+    if stages:
+        out["stages"] = {**st, "idx_kv_cache": idx_kv_cache, "kv": kv, "kv_state": kv_state,
+                         "score_state": score_state}
+    return out
 
 
 # ------------------------------------------------------------- lightning indexer
@@ -419,9 +474,10 @@ class _Query:
         self.H, self.HD, self.N = H, HD, N
         self.WS = F32(cfg.index_weights_scale)
 
-    def project(self, qr, qr_scale, wq_b, wq_b_scale, cos, sin, hadamard, rd):
+    def project(self, qr, qr_scale, wq_b, wq_b_scale, cos, sin, hadamard, rd, st=None):
         """Q = (int32(qr · wq_b) * qr_scale) * wq_b_scale; RoPE on the last rd dims of every
-        head (rounded to bf16), bf16 of the rest, then · H. Returns Qr [N, H, HD] fp32."""
+        head (rounded to bf16), bf16 of the rest, then · H. Returns Qr [N, H, HD] fp32; `st`
+        receives q_dequant (Q) and q_rot (Qr)."""
         N, H, HD = self.N, self.H, self.HD
         q_i32 = matmul_i8(np.asarray(qr), np.asarray(wq_b))
         Q = ((q_i32.astype(np.float32) * f32(qr_scale).reshape(N, 1))
@@ -430,7 +486,10 @@ class _Query:
         q = np.empty((N, H, HD), BF16)
         q[..., :nd] = bf16_rne(Q[..., :nd])
         q[..., nd:] = rope_interleaved(Q[..., nd:], cos[:, None, :], sin[:, None, :])
-        return np.matmul(f32(q), f32(hadamard))
+        Qr = np.matmul(f32(q), f32(hadamard))
+        if st is not None:
+            st.update(q_dequant=Q, q_rot=Qr)
+        return Qr
 
     def weights(self, x2d, weights_proj):
         """Wt = (x · weights_proj) * WS, [N, H]."""
@@ -481,7 +540,7 @@ def decode_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, ha
                    inner_kv, inner_compress_state, inner_compress_state_block_table, inner_wkv,
                    inner_wgate, inner_ape, inner_norm_w, idx_kv_cache, idx_block_table,
                    position_ids, idx_slot_mapping, inner_state_slot_mapping, kv_seq_lens,
-                   offset=128, *, config=None):
+                   offset=128, *, config=None, stages=False):
     """One decode step of the lightning indexer (§4.10.1), B requests of S = 1 token.
 
     Query: int8 qr · wq_b dequantised, RoPE (cos[b], sin[b]) on the last 64 dims of each
@@ -494,6 +553,14 @@ def decode_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, ha
     elsewhere; score is NEG = -FLT_MAX beyond vis.
     Returns score [B, 1, MAXS // 4] fp32, topk_idxs [B, 1, MAXS // 4] int32, and the
     updated inner_kv, inner_compress_state and idx_kv_cache (in place).
+
+    Stages (stages=True, spec chapter 04 §4.10.1; outputs appear where they are
+    computed): q_dequant [B, H, HD] fp32 (Q), q_rot [B, H, HD] fp32 (Qr = bf16(RoPE(Q)) ·
+    hadamard); the inner compressor's stages (decode_indexer_compressor's, prefixed
+    inner_): inner_kv_proj, inner_score_proj, inner_compress_state, inner_pooled,
+    inner_normed, inner_roped, inner_keys, inner_kv, idx_kv_cache; weights [B, H] fp32
+    (Wt, the head weights), q8 [B, H, HD] int8, qdq [B, H, 1] fp32 (the int8 query);
+    score (the scores before the top-k), topk_idxs.
     """
     cfg = get_config(config)
     kern = "decode_indexer"
@@ -522,10 +589,12 @@ def decode_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, ha
 
     # everything checked: compute and write
     half = rd // 2
+    st = {} if stages else None
     Qr = qy.project(qr, qr_scale, wq_b, wq_b_scale, f32(cos)[:, :half], f32(sin)[:, :half],
-                    hadamard, rd)
+                    hadamard, rd, st)
+    inner = comp.stage_rows(B) if stages else None
     comp.run(x, inner_compress_state, inner_wkv, inner_wgate, inner_ape, inner_norm_w, cos, sin,
-             hadamard, idx_kv_cache, inner_kv)
+             hadamard, idx_kv_cache, inner_kv, inner)
     Wt = qy.weights(np.asarray(x)[:, 0], weights_proj)             # [B, H]
     score = np.full((B, 1, SCORE_LEN), NEG, np.float32)
     topk_idxs = np.full((B, 1, SCORE_LEN), -1, np.int32)
@@ -545,8 +614,14 @@ def decode_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, ha
         score[b, 0, :v] = sc
         k = min(cfg.index_topk, v)
         topk_idxs[b, 0, :k] = (topk_desc(sc, k) + offset).astype(np.int32)
-    return {"score": score, "topk_idxs": topk_idxs, "inner_kv": inner_kv,
-            "inner_compress_state": inner_compress_state, "idx_kv_cache": idx_kv_cache}
+    out = {"score": score, "topk_idxs": topk_idxs, "inner_kv": inner_kv,
+           "inner_compress_state": inner_compress_state, "idx_kv_cache": idx_kv_cache}
+    if stages:
+        st.update(_decode_key_stages(inner, "inner_", inner_compress_state, inner_kv,
+                                     idx_kv_cache))
+        st.update(weights=Wt, q8=q8, qdq=qdq, score=score, topk_idxs=topk_idxs)
+        out["stages"] = st
+    return out
 
 
 def prefill_score_cap(BLOCK=128):
@@ -560,7 +635,7 @@ def prefill_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, f
                     freqs_sin, hadamard, inner_kv_state, inner_score_state,
                     inner_compress_state_block_table, inner_wkv, inner_wgate, inner_ape,
                     inner_norm_w, idx_kv_cache, idx_block_table, position_ids, idx_slot_mapping,
-                    inner_state_slot_mapping, num_tokens=None, *, config=None):
+                    inner_state_slot_mapping, num_tokens=None, *, config=None, stages=False):
     """One prefill chunk of the lightning indexer (§4.10.2), x [T, D], one request.
 
     The inner compressor (§4.9) commits the chunk's keys into idx_kv_cache (and updates
@@ -572,6 +647,14 @@ def prefill_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, f
     topk_idxs (score descending, slot ascending), -1 elsewhere.
     Returns score [T, CAP] fp32, topk_idxs [T, CAP] int32, and the updated inner_kv_state,
     inner_score_state and idx_kv_cache (in place).
+
+    Stages (stages=True, spec chapter 04 §4.10.2; outputs appear where they are
+    computed): the inner compressor's stages (prefill_indexer_compressor's, prefixed
+    inner_): inner_kv_proj, inner_score_proj, inner_pooled, inner_normed, inner_roped,
+    inner_keys, idx_kv_cache, inner_kv_state, inner_score_state; q_dequant [T, H, HD] fp32
+    (Q), q_rot [T, H, HD] fp32 (Qr = bf16(RoPE(Q)) · hadamard), weights [T, H] fp32 (Wt),
+    q8 [T, H, HD] int8, qdq [T, H, 1] fp32, k8 [MV, HD] int8, kdq [MV, 1] fp32 (the int8
+    keys of the MV slots read back); score (the scores before the top-k), topk_idxs.
     """
     cfg = get_config(config)
     kern = "prefill_indexer"
@@ -604,22 +687,34 @@ def prefill_indexer(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, cos, sin, f
 
     # everything checked: compute and write
     kv_scratch = np.zeros((max_cmp_writes(T), HD), BF16)
+    inner = comp.stage_rows(T) if stages else None
     comp.run(x, inner_kv_state, inner_score_state, inner_wkv, inner_wgate, inner_ape,
-             inner_norm_w, freqs_cos, freqs_sin, hadamard, idx_kv_cache, kv_scratch)
+             inner_norm_w, freqs_cos, freqs_sin, hadamard, idx_kv_cache, kv_scratch, inner)
     score = np.full((T, CAP), NEG, np.float32)
     topk_idxs = np.full((T, CAP), -1, np.int32)
     out = {"score": score, "topk_idxs": topk_idxs, "inner_kv_state": inner_kv_state,
            "inner_score_state": inner_score_state, "idx_kv_cache": idx_kv_cache}
-    if MV == 0:
+    if stages:
+        st = {"inner_" + name: v for name, v in inner.items()}
+        st.update(idx_kv_cache=idx_kv_cache, inner_kv_state=inner_kv_state,
+                  inner_score_state=inner_score_state)
+        out["stages"] = st
+    if MV == 0 and not stages:
         return out
+    # with MV == 0 the query still runs when stages are asked for, so they are always there
     Qr = qy.project(qr, qr_scale, wq_b, wq_b_scale, f32(cos)[:, :half], f32(sin)[:, :half],
-                    hadamard, rd)
+                    hadamard, rd, out.get("stages"))
     Wt = qy.weights(x, weights_proj)                               # [T, H]
     c = np.arange(MV)
     tbl = _ints(idx_block_table)
     keys = _gather_keys(idx_kv_cache, tbl[c // BLOCK] * BLOCK + c % BLOCK)
     q8, qdq = int8_quant_per_row(Qr)                               # [T, H, HD], [T, H, 1]
     k8, kdq = int8_quant_per_row(keys)                             # [MV, HD], [MV, 1]
+    if stages:
+        out["stages"].update(weights=Wt, q8=q8, qdq=qdq, k8=k8, kdq=kdq, score=score,
+                             topk_idxs=topk_idxs)
+        if MV == 0:
+            return out
     s32 = matmul_i8(q8.reshape(T * qy.H, HD), k8.T).reshape(T, qy.H, MV)
     term = np.maximum((s32.astype(np.float32) * qdq) * kdq[:, 0], F32(0)) * Wt[:, :, None]
     sc = head_sum(term)                                            # [T, MV]

@@ -138,10 +138,10 @@ def _ranks(kernel, x_hc, rows_name):
     return x_hc.shape[0]
 
 
-def _moe(t, x_attn, input_ids, layer_id, n, cfg):
+def _moe(t, x_attn, input_ids, layer_id, n, cfg, stages=False):
     """The MoE sub-layer on the attention output of every rank, its first n rows active."""
     return moe(x_hc=x_attn, input_ids=input_ids, layer_id=layer_id, num_tokens=n, config=cfg,
-               **{name: t[name] for name in _MOE_ARGS})["x_next"]
+               stages=stages, **{name: t[name] for name in _MOE_ARGS})
 
 
 # ------------------------------------------------------------------------ decode
@@ -173,9 +173,18 @@ def decode_layer(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w, wq_
     cmp_kv, idx_kv_cache); then the MoE sub-layer over all ranks (layer_id decides hash
     routing) on the attention outputs x_attn [R, T, HC, D] with num_tokens = T.
 
-    Returns x_next [R, T, HC, D] bf16 and the caches. stages=True adds "stages":
-    {"attention": [the block's stages per rank], "x_attn": x_attn}. Raises ValueError for
-    layer_id outside [0, num_hidden_layers); a call that raises changes no cache."""
+    Returns x_next [R, T, HC, D] bf16 and the caches. Raises ValueError for layer_id
+    outside [0, num_hidden_layers); a call that raises changes no cache.
+
+    Stages (stages=True, spec chapter 06 §5): attention, the list of the block's stage
+    dicts per rank; then, as arrays with a leading rank axis R, the block's stages in
+    their order (decode_attention_<kind>'s: x_mixed [R, T, D], post, comb, x_normed, qr,
+    qr_scale, q, kv, compressed_kv (HCA, CSA), topk_idxs (CSA), sparse_indices,
+    attn_out [R, T, D]);
+    x_attn [R, T, HC, D] bf16 (the blocks' x_out, the MoE's input; the C kernel's stage
+    too); the MoE's stages prefixed moe_ (moe_x_mixed, moe_post, moe_comb, moe_x_norm,
+    moe_x_norm_i8, moe_x_norm_scale, moe_logits, moe_scores, moe_biased, moe_indices,
+    moe_weights, moe_sh, moe_recv_count, moe_routed_y, moe_ffn; shapes as moe's)."""
     kern = "decode_layer"
     cfg = get_config(config)
     layer_id = int(layer_id)
@@ -205,7 +214,8 @@ def decode_layer(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w, wq_
         x_attn[r] = out["x_out"]
         if stages:
             per_rank.append(out["stages"])
-    x_next = _moe(t, x_attn, input_ids, layer_id, T, cfg)
+    ffn = _moe(t, x_attn, input_ids, layer_id, T, cfg, stages)
+    x_next = ffn["x_next"]
 
     for name, a in caches.items():
         np.copyto(a, work[name])
@@ -214,7 +224,11 @@ def decode_layer(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w, wq_
            "csa_inner_compress_state": csa_inner_compress_state, "cmp_kv": cmp_kv,
            "idx_kv_cache": idx_kv_cache}
     if stages:
-        out["stages"] = {"attention": per_rank, "x_attn": x_attn}
+        st = {"attention": per_rank}
+        st.update({name: np.stack([p[name] for p in per_rank]) for name in per_rank[0]})
+        st["x_attn"] = x_attn
+        st.update({"moe_" + name: v for name, v in ffn["stages"].items()})
+        out["stages"] = st
     return out
 
 
@@ -317,9 +331,14 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
     the MoE sub-layer on the TILE-row attention output (input_ids zero past valid,
     num_tokens = valid); its valid rows go to x_next. Padding rows of x_next stay zero.
 
-    Returns x_next [R, total, HC, D] bf16 and the caches and states. stages=True adds
-    "stages": {"tiles": [{"request", "tile", "ctx", "valid", "base", "attention": [the
-    block's stages per rank], "x_attn"}, ...]}. A call that raises changes nothing."""
+    Returns x_next [R, total, HC, D] bf16 and the caches and states. A call that raises
+    changes nothing.
+
+    Stages (stages=True, spec chapter 06 §6): tiles, the list of the tiles in execution
+    order, each {"request", "tile", "ctx", "valid", "base", "attention": [the block's
+    stage dicts per rank], "x_attn" [R, TILE, HC, D]}; then x_attn [R, total, HC, D] bf16,
+    the blocks' x_out packed as x_hc (every row of each tile, zero rows outside the tiles;
+    the C kernel's stage too)."""
     kern = "prefill_layer"
     cfg = get_config(config)
     kind = layer_kind(layer_id, cfg)
@@ -342,6 +361,7 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
     names = _PREFILL_NAMES[kind]
     args = _block_args(block)
     x_next = np.zeros(x_hc.shape, dtype=x_hc.dtype)
+    packed = np.zeros(x_hc.shape, dtype=x_hc.dtype) if stages else None
     ids = np.asarray(input_ids)
     done = []
     try:
@@ -365,9 +385,10 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
                     per_rank.append(out["stages"])
             tile_ids = np.zeros((R, TILE), dtype=ids.dtype)
             tile_ids[:, :valid] = ids[:, base:base + valid]
-            y = _moe(t, x_attn, tile_ids, layer_id, valid, cfg)
+            y = _moe(t, x_attn, tile_ids, layer_id, valid, cfg)["x_next"]
             x_next[:, base:base + valid] = y[:, :valid]
             if stages:
+                packed[:, base:base + TILE] = x_attn
                 done.append({"request": r, "tile": tile, "ctx": ctx, "valid": valid,
                              "base": base, "attention": per_rank, "x_attn": x_attn})
     except BaseException:
@@ -380,5 +401,5 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
            "csa_inner_score_state": csa_inner_score_state, "kv_cache": kv_cache,
            "cmp_kv": cmp_kv, "idx_kv_cache": idx_kv_cache}
     if stages:
-        out["stages"] = {"tiles": done}
+        out["stages"] = {"tiles": done, "x_attn": packed}
     return out

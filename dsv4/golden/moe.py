@@ -69,7 +69,7 @@ def _weight_denominator(v):
 
 @writes_outputs("x_norm", "x_norm_i8", "x_norm_scale", "indices", "weights")
 def gate(x_mixed, norm_w, gate_w, gate_bias, tid2eid, input_ids, layer_id, num_tokens=None, *,
-         config=None):
+         config=None, stages=False):
     """x_mixed [T, D] bf16 -> RMSNorm, int8 per token, router scores, top-K.
 
     norm_w [D] bf16, gate_w [E_g, D] fp32, gate_bias [E_g] fp32, tid2eid [V, K] int32,
@@ -82,6 +82,10 @@ def gate(x_mixed, norm_w, gate_w, gate_bias, tid2eid, input_ids, layer_id, num_t
 
     Returns x_norm [T, D] bf16, x_norm_i8 [T, D] int8, x_norm_scale [T, 1] fp32,
     indices [T, K] int32, weights [T, K] fp32.
+
+    Stages (stages=True, spec chapter 05 §3.3; outputs appear where they are computed):
+    x_norm, x_norm_i8, x_norm_scale, logits [T, E_g] fp32 (G3), scores [T, E_g] fp32
+    (sqrt-softplus, G4), biased [T, E_g] fp32 (scores + gate_bias, G5), indices, weights.
     """
     cfg = get_config(config)
     T, D = x_mixed.shape
@@ -105,7 +109,8 @@ def gate(x_mixed, norm_w, gate_w, gate_bias, tid2eid, input_ids, layer_id, num_t
     x_norm_i8, x_norm_scale = int8_quant_per_row(xn)
 
     # G3-G5 logits, sqrt-softplus scores, biased scores (selection only)
-    scores = sqrtsoftplus(np.matmul(xn, f32(gate_w).T))
+    logits = np.matmul(xn, f32(gate_w).T)
+    scores = sqrtsoftplus(logits)
     biased = scores + f32(gate_bias)
 
     # G6 expert choice
@@ -123,8 +128,13 @@ def gate(x_mixed, norm_w, gate_w, gate_bias, tid2eid, input_ids, layer_id, num_t
     x_norm_scale[n:] = 0
     indices[n:] = 0
     weights[n:] = 0
-    return {"x_norm": x_norm, "x_norm_i8": x_norm_i8, "x_norm_scale": x_norm_scale,
-            "indices": indices, "weights": weights}
+    out = {"x_norm": x_norm, "x_norm_i8": x_norm_i8, "x_norm_scale": x_norm_scale,
+           "indices": indices, "weights": weights}
+    if stages:
+        out["stages"] = {"x_norm": x_norm, "x_norm_i8": x_norm_i8, "x_norm_scale": x_norm_scale,
+                         "logits": logits, "scores": scores, "biased": biased,
+                         "indices": indices, "weights": weights}
+    return out
 
 
 # ---------------------------------------------------------------------- experts
@@ -134,29 +144,35 @@ def _dequant_weight(w_i8, scale):
     return f32(w_i8) * f32(scale)[:, None]
 
 
-def expert_rows(xq, sx, w1, s1, w3, s3, w2, s2, swiglu_limit, row_weight=None):
+def expert_rows(xq, sx, w1, s1, w3, s3, w2, s2, swiglu_limit, row_weight=None, stages=None):
     """One expert on a block of int8 rows (spec §2.5); returns bf16 [rows, D].
 
     xq [rows, D] int8 with dequant scales sx [rows]; w1, w3 [I, D], w2 [D, I] int8
     with per-output-channel scales. The weights are dequantised and the GEMMs run
     in fp32. The SwiGLU output is requantised to int8 per row; a routing weight
     (routed experts) multiplies that row's dequant scale before the w2 GEMM.
+    A dict passed as `stages` receives the steps of §2.5: x, g, u, h, hq, hs, (routed)
+    rs, y.
     """
     x = f32(xq) * f32(sx)[:, None]
     gate_ = np.matmul(x, _dequant_weight(w1, s1).T)
     up = np.matmul(x, _dequant_weight(w3, s3).T)
     h = swiglu(gate_, up, swiglu_limit)
     hq, hs = int8_quant_per_row(h)
-    if row_weight is not None:
-        hs = hs * f32(row_weight)[:, None]
-    y = np.matmul(f32(hq) * hs, _dequant_weight(w2, s2).T)
+    rs = hs if row_weight is None else hs * f32(row_weight)[:, None]
+    y = np.matmul(f32(hq) * rs, _dequant_weight(w2, s2).T)
+    if stages is not None:
+        stages.update(x=x, g=gate_, u=up, h=h, hq=hq, hs=hs)
+        if row_weight is not None:
+            stages["rs"] = rs
+        stages["y"] = y
     return bf16_rne(y)
 
 
 @writes_outputs("recv_y")
 def expert_routed(recv_x, recv_scale_dq, recv_weights, recv_expert_count, routed_w1,
                   routed_w1_scale, routed_w3, routed_w3_scale, routed_w2, routed_w2_scale, *,
-                  config=None):
+                  config=None, stages=False):
     """The E_l local routed experts on their receive buffers.
 
     recv_x [E_l, M, D] int8, recv_scale_dq / recv_weights [E_l, M] fp32,
@@ -164,6 +180,11 @@ def expert_routed(recv_x, recv_scale_dq, recv_weights, recv_expert_count, routed
     routed_w1 / routed_w3 [E_l, I, D] int8 with scales [E_l, I], routed_w2 [E_l, D, I]
     int8 with scale [E_l, D]. Returns recv_y [E_l, M, D] bf16, the weighted expert
     output of every valid row; rows from count on are +0 whatever the inputs hold.
+
+    Stages (stages=True, spec chapter 05 §2.5, per expert and receive row, zero from count
+    on): x [E_l, M, D] fp32 (dequantised rows), g, u, h [E_l, M, I] fp32 (gate, up,
+    SwiGLU), hq [E_l, M, I] int8, hs [E_l, M, 1] fp32 (its scales), rs [E_l, M, 1] fp32
+    (hs times the routing weight), y [E_l, M, D] fp32 (before the bf16 rounding).
     """
     cfg = get_config(config)
     E_l, M, D = recv_x.shape
@@ -173,30 +194,54 @@ def expert_routed(recv_x, recv_scale_dq, recv_weights, recv_expert_count, routed
             raise ValueError(f"expert_routed: recv_expert_count[{e}] = {int(counts[e])} is outside "
                              f"[0, {M}] (M = rows of recv_x per expert)")
     recv_y = np.zeros((E_l, M, D), dtype=BF16)
+    I = routed_w1.shape[1]
+    st = _expert_stages((E_l, M), D, I, routed=True) if stages else None
     for e in range(E_l):
         c = int(counts[e])
         if c == 0:
             continue
+        rows = {} if stages else None
         recv_y[e, :c] = expert_rows(recv_x[e, :c], recv_scale_dq[e, :c],
                                     routed_w1[e], routed_w1_scale[e], routed_w3[e],
                                     routed_w3_scale[e], routed_w2[e], routed_w2_scale[e],
-                                    cfg.swiglu_limit, row_weight=recv_weights[e, :c])
-    return {"recv_y": recv_y}
+                                    cfg.swiglu_limit, row_weight=recv_weights[e, :c], stages=rows)
+        if stages:
+            for name, v in rows.items():
+                st[name][e, :c] = v
+    out = {"recv_y": recv_y}
+    if stages:
+        out["stages"] = st
+    return out
+
+
+def _expert_stages(lead, D, I, routed):
+    """Zeroed stage arrays of expert_rows for rows indexed by `lead`."""
+    shapes = {"x": D, "g": I, "u": I, "h": I, "hq": I, "hs": 1, "rs": 1, "y": D}
+    return {name: np.zeros((*lead, w), np.int8 if name == "hq" else np.float32)
+            for name, w in shapes.items() if routed or name != "rs"}
 
 
 @writes_outputs("sh")
 def expert_shared(x_local_i8, x_local_scale_dq, shared_w1, shared_w1_scale, shared_w3,
-                  shared_w3_scale, shared_w2, shared_w2_scale, *, config=None):
+                  shared_w3_scale, shared_w2, shared_w2_scale, *, config=None, stages=False):
     """The shared expert on every token: x_local_i8 [T, D] int8 with x_local_scale_dq
     [T, 1] (the gate's x_norm_i8 / x_norm_scale), shared_w1 / shared_w3 [I, D],
     shared_w2 [D, I] int8 with per-output-channel scales. Returns sh [T, D] bf16
-    (unweighted; a token with scale 0 gives exactly 0)."""
+    (unweighted; a token with scale 0 gives exactly 0).
+
+    Stages (stages=True, spec chapter 05 §2.5): x [T, D] fp32 (dequantised rows), g, u,
+    h [T, I] fp32 (gate, up, SwiGLU), hq [T, I] int8, hs [T, 1] fp32, y [T, D] fp32
+    (before the bf16 rounding)."""
     cfg = get_config(config)
     T = x_local_i8.shape[0]
+    st = {} if stages else None
     sh = expert_rows(x_local_i8, np.asarray(x_local_scale_dq).reshape(T), shared_w1,
                      shared_w1_scale, shared_w3, shared_w3_scale, shared_w2, shared_w2_scale,
-                     cfg.swiglu_limit)
-    return {"sh": sh}
+                     cfg.swiglu_limit, stages=st)
+    out = {"sh": sh}
+    if stages:
+        out["stages"] = st
+    return out
 
 
 # -------------------------------------------------------------------------- moe
@@ -237,8 +282,16 @@ def moe(x_hc, hc_ffn_fn, hc_ffn_scale, hc_ffn_base, norm_w, gate_w, gate_bias, t
     runs on the destination rank's expert with the source rank's int8 row; the
     bf16 route outputs are added to the shared output in k order (fp32, one bf16
     rounding); hc_post with the rank's x_hc as residual gives x_next [R, T, H, D]
-    bf16. stages=True also returns the per-rank intermediates (rank axis first)
-    under "stages".
+    bf16.
+
+    Stages (stages=True, spec chapter 05 §7; rank axis first): hc_pre's x_mixed [R, T, D]
+    bf16, post [R, T, H] and comb [R, T, H*H] fp32; the gate's x_norm [R, T, D] bf16,
+    x_norm_i8 [R, T, D] int8, x_norm_scale [R, T, 1], logits, scores, biased [R, T, E_g]
+    fp32, indices [R, T, K] int32 (the chosen experts), weights [R, T, K] fp32; sh
+    [R, T, D] bf16 (the shared expert); recv_count [R, E_l] int32 (routes per expert,
+    destination rank first); routed_y [R, n, K, D] bf16 (each active route's weighted
+    expert output, by source rank, token, k); ffn [R, T, D] bf16 (shared plus routes,
+    the hc_post input).
     """
     cfg = get_config(config)
     R, T, H, D = x_hc.shape
@@ -254,7 +307,8 @@ def moe(x_hc, hc_ffn_fn, hc_ffn_scale, hc_ffn_base, norm_w, gate_w, gate_bias, t
     for r in range(R):
         pre = hc_pre(x_hc[r], hc_ffn_fn[r], hc_ffn_scale[r], hc_ffn_base[r], config=cfg)
         g = gate(pre["x_mixed"], norm_w[r], gate_w[r], gate_bias[r], tid2eid[r], input_ids[r],
-                 layer_id, n, config=cfg)
+                 layer_id, n, config=cfg, stages=stages)
+        g.update(g.pop("stages", {}))
         sh = expert_shared(g["x_norm_i8"], g["x_norm_scale"], shared_w1[r], shared_w1_scale[r],
                            shared_w3[r], shared_w3_scale[r], shared_w2[r], shared_w2_scale[r],
                            config=cfg)["sh"]
@@ -297,8 +351,8 @@ def moe(x_hc, hc_ffn_fn, hc_ffn_scale, hc_ffn_base, norm_w, gate_w, gate_bias, t
 
     out = {"x_next": x_next}
     if stages:
-        names = ("x_mixed", "post", "comb", "x_norm", "x_norm_i8", "x_norm_scale", "indices",
-                 "weights", "sh")
+        names = ("x_mixed", "post", "comb", "x_norm", "x_norm_i8", "x_norm_scale", "logits",
+                 "scores", "biased", "indices", "weights", "sh")
         out["stages"] = {name: np.stack([f[name] for f in front]) for name in names}
         out["stages"].update(recv_count=recv_count.astype(np.int32), routed_y=routed_y,
                              ffn=np.stack(ffn))
