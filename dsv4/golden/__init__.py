@@ -35,3 +35,10 @@ __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "pre
 from .layers import decode_layer, prefill_layer
 
 __all__ += ["decode_layer", "prefill_layer"]
+
+# torch tensors in, torch tensors out, as for the C kernels
+from .._kernels import dlpack_io  # noqa: E402
+
+for _name in __all__:
+    if _name != "numerics":
+        globals()[_name] = dlpack_io(globals()[_name])
