@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import dsv4
-from dsv4._kernels import dlpack_io
 from dsv4.check import fresh
 from conftest import same_bits
 
