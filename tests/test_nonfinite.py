@@ -48,8 +48,21 @@ def float_inputs(kernel):
 # hidden state, one input of each stage kind and the caches the two attention calls share
 LAYER_INPUTS = ("x_hc", "wq_a", "kv_cache", "cmp_kv", "csa_compress_state", "csa_cmp_kv_state",
                 "gate_w", "routed_w2_scale", "shared_w1_scale", "norm_w", "hc_ffn_fn")
-CASES = [(k, n) for k in sorted(dsv4.KERNELS) for n in float_inputs(k)
-         if k not in LAYER_CASES or n in LAYER_INPUTS]
+# the blocks: what their own glue reads (the hidden state, the RoPE rows it gathers, the
+# caches and states it addresses, the sink) and one weight of each leaf
+BLOCK_INPUTS = ("x_hc", "hc_attn_fn", "wq_a", "wkv", "freqs_cos", "freqs_sin", "kv_cache", "cmp_kv",
+                "idx_kv_cache", "compress_state", "cmp_kv_state", "cmp_score_state",
+                "inner_compress_state", "inner_kv_state", "cmp_wkv", "idx_wq_b_scale", "attn_sink",
+                "wo_b_scale")
+
+
+def planted(kernel, name):
+    if kernel in LAYER_CASES:
+        return name in LAYER_INPUTS
+    return "attention_" not in kernel or name in BLOCK_INPUTS
+
+
+CASES = [(k, n) for k in sorted(dsv4.KERNELS) for n in float_inputs(k) if planted(k, n)]
 
 
 def plant(a, seed):
