@@ -244,6 +244,15 @@ def test_golden_main_on_fixture(tmp_path, capsys):
     assert report, str(report)
 
 
+def test_python_m_dsv4_golden(tmp_path):
+    shutil.copytree(DATA / "rms_norm" / "in", tmp_path / "in")
+    run = subprocess.run([sys.executable, "-m", "dsv4", "golden", str(tmp_path), "--kernel", "rms_norm"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    inputs, outputs = load_case(tmp_path)
+    assert same_bits(outputs["x_normed"], dsv4.rms_norm(**inputs)["x_normed"])
+
+
 def test_golden_main_numpy_golden_config_and_out(tmp_path):
     shutil.copytree(DATA / "rms_norm", tmp_path / "case")
     assert golden_main([str(tmp_path / "case"), "--kernel", "rms_norm", "--golden", "numpy",
