@@ -20,6 +20,19 @@ from .rope import gather_rope_rows, rope_tables
 
 globals().update(KERNELS)
 
+
+def _isa_from_environment():
+    import os
+    name = os.environ.get("DSV4_ISA")
+    if name:
+        try:
+            set_isa(name)
+        except ValueError as err:
+            raise ValueError(f"environment variable DSV4_ISA={name!r}: {err}") from None
+
+
+_isa_from_environment()
+
 __version__ = "0.1.0"
 __all__ = [*KERNELS, "KERNELS", "golden", "specs", "compare", "config", "check", "verify",
            "DeepSeekV4Config", "DEMO", "FLASH", "PRO", "get_config", "rope_tables",

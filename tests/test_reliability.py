@@ -1,6 +1,9 @@
 """Memory safety and thread safety of the binding: sizes that once overflowed a fixed
 array, and settings changed by one thread while others call kernels."""
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -92,3 +95,16 @@ def test_isa_switch_while_other_threads_call_kernels(isa):
     for t in pool:
         t.join()
     assert not failures
+
+
+@pytest.mark.parametrize("value,ok", [("scalar", True), ("auto", True), ("AVX9000", False), ("avx", False)])
+def test_dsv4_isa_environment_variable(value, ok):
+    code = "import dsv4; print(dsv4.get_isa())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "DSV4_ISA": value})
+    if ok:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == (value if value != "auto" else dsv4.available_isas()[-1])
+    else:
+        assert run.returncode != 0
+        assert "DSV4_ISA" in run.stderr and repr(value) in run.stderr

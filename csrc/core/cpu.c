@@ -95,12 +95,7 @@ static enum dsv4_isa global_isa(void)
 {
     int isa = g_isa;
     if (isa < 0) {
-        isa = dsv4_best_isa();
-        const char *env = getenv("DSV4_ISA");
-        if (env && strcmp(env, "scalar") == 0)
-            isa = DSV4_ISA_SCALAR;
-        else if (env && strcmp(env, "avx512") == 0 && has_avx512())
-            isa = DSV4_ISA_AVX512;
+        isa = dsv4_best_isa();            /* DSV4_ISA is applied by the Python package */
         int unset = -1;
         atomic_compare_exchange_strong(&g_isa, &unset, isa);
         isa = g_isa;
