@@ -13,6 +13,18 @@ cflags = [
 ]
 if os.environ.get("DSV4_WERROR"):
     cflags.append("-Werror")
+ldflags = ["-fopenmp"]
+
+# DSV4_SANITIZE=address,undefined (any -fsanitize= list): an instrumented build for
+# tests (.ci/sanitize). Python is not instrumented, so it needs the ASan runtime
+# preloaded; -O1 keeps the reports' stacks readable, and no sanitizer recovers.
+# -fno-wrapv: Python's own CFLAGS bring -fwrapv, under which UBSan ignores signed overflow.
+sanitize = os.environ.get("DSV4_SANITIZE", "").strip()
+if sanitize:
+    san = ["-fsanitize=" + sanitize, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g",
+           "-fno-wrapv"]
+    cflags = [f for f in cflags if f != "-O3"] + ["-O1"] + san
+    ldflags += san
 
 ext = Extension(
     "dsv4._C",
@@ -20,7 +32,7 @@ ext = Extension(
     include_dirs=["csrc", np.get_include()],
     depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
     extra_compile_args=cflags,
-    extra_link_args=["-fopenmp"],
+    extra_link_args=ldflags,
 )
 
 setup(ext_modules=[ext])
