@@ -9,21 +9,7 @@ Every kernel exists twice, under one name:
 Both return a dict of outputs keyed by pypto-lib's output names. To compare
 an output of your own: dsv4.verify(kernel, outputs, inputs).
 """
-import os as _os
-
-# On a busy machine (parallel test jobs, a notebook beside a build) an OpenMP worker
-# spinning at a barrier takes the core that the thread it waits for needs: measured
-# 2-4x slower calls. So the extension's OpenMP waits passively unless the user chose a
-# policy; libgomp reads the variable once, when it loads with dsv4._C.
-_policy_given = "OMP_WAIT_POLICY" in _os.environ
-if not _policy_given:
-    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-try:
-    from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
-finally:
-    if not _policy_given:
-        del _os.environ["OMP_WAIT_POLICY"]
-
+from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
 from . import bisect, case, compare, config, golden, specs
 from ._kernels import CORE, KERNELS
 from .case import load_case, save_outputs

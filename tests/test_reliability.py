@@ -109,15 +109,3 @@ def test_dsv4_isa_environment_variable(value, ok):
         assert run.returncode != 0
         assert "DSV4_ISA" in run.stderr and repr(value) in run.stderr
 
-
-@pytest.mark.parametrize("given,policy", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_waits_passively_unless_told(given, policy):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["OMP_DISPLAY_ENV"] = "TRUE"             # libgomp prints its settings when it loads
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    code = "import os, dsv4; print(os.environ.get('OMP_WAIT_POLICY'))"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stderr
-    assert f"OMP_WAIT_POLICY = '{policy}'" in run.stderr
-    assert run.stdout.strip() == str(given)     # the process's environment is left as it was
