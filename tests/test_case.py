@@ -21,7 +21,7 @@ import pytest
 import dsv4
 from dsv4.case import golden_main, load_case, load_tensor, save_outputs, save_tensor
 from dsv4.check import fresh
-from conftest import same_bits
+from conftest import same_bits, to_numpy, to_torch
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -375,22 +375,6 @@ def test_reader_writer_and_golden_without_torch(tmp_path):
 
 def _torch():
     return pytest.importorskip("torch", reason="torch is an optional extra (dsv4[torch])")
-
-
-def to_torch(torch, a):
-    if a.dtype == BF16:
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    if a.dtype == FP8:
-        return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
-    return torch.from_numpy(np.array(a))
-
-
-def to_numpy(torch, t):
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(BF16)
-    if t.dtype == torch.float8_e4m3fn:
-        return t.view(torch.uint8).numpy().view(FP8)
-    return t.numpy()
 
 
 def torch_tensors(torch):

@@ -9,7 +9,7 @@ import pytest
 
 import dsv4
 from dsv4.check import fresh
-from conftest import same_bits
+from conftest import same_bits, to_numpy, to_torch
 
 BF16, FP8 = np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn)
 SMALL_CFG = dataclasses.replace(
@@ -31,25 +31,6 @@ def small(kernel, seed=1, **params):
     inputs = getattr(dsv4.specs, kernel)(**p, seed=seed, config=SMALL_CFG)
     takes_config = "config" in inspect.signature(dsv4.KERNELS[kernel]).parameters
     return inputs, ({"config": SMALL_CFG} if takes_config else {})
-
-
-def to_torch(torch, a):
-    """A torch tensor holding a copy of `a` (bf16/fp8 through same-width ints)."""
-    if not isinstance(a, np.ndarray):
-        return a
-    if a.dtype == BF16:
-        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    if a.dtype == FP8:
-        return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
-    return torch.from_numpy(a.copy())
-
-
-def to_numpy(torch, t):
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(BF16)
-    if t.dtype == torch.float8_e4m3fn:
-        return t.view(torch.uint8).numpy().view(FP8)
-    return t.numpy()
 
 
 def flat(out, prefix=""):
