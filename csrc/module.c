@@ -707,7 +707,7 @@ static const struct dim_spec layer_dims[] = {
     {"COD", LAY(csa.OD)}, {"CR", LAY(csa.R)}, {"CNB", LAY(csa.NB)}, {"CPAGE", LAY(csa.PAGE)},
     {"CSW", LAY(csa.SW)}, {"CNP", LAY(csa.NP)},
     {"E", LAY(moe.E)}, {"V", LAY(moe.V)}, {"TOPK", LAY(moe.K)}, {"EL", LAY(moe.EL)},
-    {"I", LAY(moe.IE)}, {0}};
+    {"I", LAY(moe.IE)}, {"HC2", LAY(blk.HC2)}, {0}};
 #define LAYER_FRONT                                                                  \
     {"hc_attn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, LAY(blk.hc_attn_fn)},               \
     {"hc_attn_scale", DSV4_F32, "R,3", IN, 0, LAY(blk.hc_attn_scale)},               \
@@ -762,6 +762,15 @@ static const struct dim_spec layer_dims[] = {
     {"shared_w2", DSV4_I8, "R,D,I", IN, 0, LAY(moe.shared_w2)},                      \
     {"shared_w2_scale", DSV4_F32, "R,D", IN, 0, LAY(moe.shared_w2_scale)},           \
     {"x_next", DSV4_BF16, "R,T,HC,D", OUT, 0, LAY(moe.x_next)},                      \
+    {"x_mixed", DSV4_BF16, "R,T,D", STAGE, 0, LAY(st.x_mixed)},                      \
+    {"post", DSV4_F32, "R,T,HC", STAGE, 0, LAY(st.post)},                            \
+    {"comb", DSV4_F32, "R,T,HC2", STAGE, 0, LAY(st.comb)},                           \
+    {"x_normed", DSV4_BF16, "R,T,D", STAGE, 0, LAY(st.x_normed)},                    \
+    {"q", DSV4_BF16, "R,T,H,HD", STAGE, 0, LAY(st.q)},                               \
+    {"kv", DSV4_BF16, "R,T,HD", STAGE, 0, LAY(st.kv)},                               \
+    {"qr", DSV4_I8, "R,T,Q", STAGE, 0, LAY(st.qr)},                                  \
+    {"qr_scale", DSV4_F32, "R,T,1", STAGE, 0, LAY(st.qr_scale)},                     \
+    {"attn_out", DSV4_BF16, "R,T,D", STAGE, 0, LAY(st.attn_out)},                    \
     {"x_attn", DSV4_BF16, "R,T,HC,D", STAGE, 0, LAY(x_attn)}
 
 static const struct arg_spec dlayer_args[] = {

@@ -113,8 +113,24 @@ def test_c_stages_are_golden_stages(kernel):
     c_st = c.pop("stages")
     assert set(c_st) <= set(g_st)
     res = bisect(kernel, inputs, c_st, npu_outputs=c, config=SMALL)
-    assert res and res.first_failure is None, str(res)
     assert [s.name for s in res.stages] == [n for n in res.order if n in c_st or n in c]
+    if not kernel.endswith("_layer"):
+        assert res and res.first_failure is None, str(res)
+        return
+    # A layer's block stages hold R x T tokens: one token whose bf16 or int8 rounding went
+    # the other way upstream (allowed there) moves all its later stages past a budget sized
+    # for the whole tensor. So a stage may fail only on tokens that already differ in bits
+    # in an earlier stage.
+    moved = np.zeros(c_st["x_mixed"].shape[:2], bool)        # [R, T]
+    for s in res.stages:
+        if s.name not in c_st or c_st[s.name].shape[:2] != moved.shape:
+            continue
+        if not s.passed:
+            bad = s.result.mask.reshape(*moved.shape, -1).any(axis=-1)
+            assert not (bad & ~moved).any(), \
+                f"{s.name} fails on tokens no earlier stage moved: {np.argwhere(bad & ~moved)[:5]}"
+        a, b = np.ascontiguousarray(c_st[s.name]), np.ascontiguousarray(g_st[s.name])
+        moved |= (a.view(np.uint8) != b.view(np.uint8)).reshape(*moved.shape, -1).any(axis=-1)
 
 
 # ---- bisect: one kernel of each family ---------------------------------------------

@@ -436,6 +436,11 @@ struct dsv4_layer_args {
     struct dsv4_moe_args moe;
     const int32_t *seq_lens, *chunk_lens, *chunk_offsets, *chunk_tile_offsets;   /* prefill */
     bf16_t *x_attn;                         /* stage: [R, T, HC, D] the attention outputs */
+    struct {                                /* stages: [R, T, ...] the blocks' per-token ones */
+        bf16_t *x_mixed, *x_normed, *q, *kv, *attn_out;
+        float *post, *comb, *qr_scale;
+        int8_t *qr;
+    } st;
     int64_t R, NREQ, layer_id, compress_ratio, num_hidden_layers;
     size_t stage_size, work_size, undo_size;   /* set by prepare() */
     int variant;                            /* 0 decode, 1 prefill */

@@ -216,6 +216,42 @@ static int place_stages(const struct dsv4_layer_args *L, struct dsv4_attention_b
     return DSV4_OK;
 }
 
+/* The block's per-token stages written straight into the layer's [R, T, ...] ones, at
+ * rank r's rows from `row` on (prefill: the tile's base) */
+static void point_stages(const struct dsv4_layer_args *L, int64_t r, int64_t row,
+                         struct dsv4_attention_block_args *b)
+{
+    const int64_t i = r * L->blk.T + row, HC = b->HC;
+    b->x_mixed = L->st.x_mixed + i * b->D;
+    b->x_normed = L->st.x_normed + i * b->D;
+    b->attn_out = L->st.attn_out + i * b->D;
+    b->post = L->st.post + i * HC;
+    b->comb = L->st.comb + i * HC * HC;
+    b->qr_scale = L->st.qr_scale + i;
+    b->q = L->st.q + i * b->H * b->HD;
+    b->kv = L->st.kv + i * b->HD;
+    b->qr = L->st.qr + i * b->Q;
+}
+
+/* zero rows [from, to) of rank r's per-token stages (prefill: the rows past a tile's
+ * valid ones, which the block may compute but which belong to no token) */
+static void clear_stage_rows(const struct dsv4_layer_args *L, int64_t r, int64_t from, int64_t to)
+{
+    const struct dsv4_attention_block_args *a = &L->blk;
+    const int64_t i = r * a->T + from, n = to - from;
+    if (n <= 0)
+        return;
+    memset(L->st.x_mixed + i * a->D, 0, (size_t)n * a->D * sizeof(bf16_t));
+    memset(L->st.x_normed + i * a->D, 0, (size_t)n * a->D * sizeof(bf16_t));
+    memset(L->st.attn_out + i * a->D, 0, (size_t)n * a->D * sizeof(bf16_t));
+    memset(L->st.post + i * a->HC, 0, (size_t)n * a->HC * sizeof(float));
+    memset(L->st.comb + i * a->HC * a->HC, 0, (size_t)n * a->HC * a->HC * sizeof(float));
+    memset(L->st.qr_scale + i, 0, (size_t)n * sizeof(float));
+    memset(L->st.q + i * a->H * a->HD, 0, (size_t)n * a->H * a->HD * sizeof(bf16_t));
+    memset(L->st.kv + i * a->HD, 0, (size_t)n * a->HD * sizeof(bf16_t));
+    memset(L->st.qr + i * a->Q, 0, (size_t)n * a->Q);
+}
+
 /* The block of rank r (and, in prefill, tile t): its view of the layer's tensors */
 static void block_view(const struct dsv4_layer_args *L, int64_t r, const struct tile *t,
                        struct dsv4_attention_block_args *b)
@@ -421,6 +457,7 @@ int dsv4_layer_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     struct dsv4_layer_args *L = p;
     if (check_layer(L, e))
         return DSV4_EVALUE;
+    L->blk.HC2 = L->blk.HC * L->blk.HC;
     const int64_t ntiles = prefill_layer(L) ? count_tiles(L) : 1;
     size_t work = 0, stage = 0, n;
     struct dsv4_attention_block_args b;
@@ -482,6 +519,7 @@ static int run_layer(struct dsv4_layer_args *L, const struct layer_scratch *sp, 
                 return DSV4_EVALUE;
             if (place_stages(L, &b, s.stage, e))
                 return DSV4_EVALUE;
+            point_stages(L, r, 0, &b);
             b.x_out = L->x_attn + r * a->T * HCD;
             b.scratch = s.work;
             if (dsv4_attention_block(&b, e))
@@ -498,6 +536,8 @@ static int run_layer(struct dsv4_layer_args *L, const struct layer_scratch *sp, 
     }
 
     memset(L->moe.x_next, 0, (size_t)R * a->T * HCD * sizeof(bf16_t));
+    for (int64_t r = 0; r < R; r++)
+        clear_stage_rows(L, r, 0, a->T);
     for (int64_t i = 0; i < ntiles; i++) {
         struct tile t = tile_at(L, i);
         for (int64_t r = 0; r < R; r++) {
@@ -505,10 +545,12 @@ static int run_layer(struct dsv4_layer_args *L, const struct layer_scratch *sp, 
                 return DSV4_EVALUE;
             if (place_stages(L, &b, s.stage, e))
                 return DSV4_EVALUE;
+            point_stages(L, r, t.base, &b);
             b.x_out = s.x_attn + r * TILE * HCD;
             b.scratch = s.work;
             if (dsv4_attention_block(&b, e))
                 return DSV4_EVALUE;
+            clear_stage_rows(L, r, t.base + t.valid, t.base + TILE);
             memcpy(L->x_attn + (r * a->T + t.base) * HCD, b.x_out,
                    (size_t)TILE * HCD * sizeof(bf16_t));
             /* the tile's token ids; rows past `valid` are 0, as the padding rows' ids */

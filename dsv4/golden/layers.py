@@ -234,6 +234,18 @@ def decode_layer(x_hc, hc_attn_fn, hc_attn_scale, hc_attn_base, attn_norm_w, wq_
 
 # ----------------------------------------------------------------------- prefill
 
+def _packed_stages(x_hc, wq_a, wq_b, wkv):
+    """Zeroed [R, total, ...] arrays for the blocks' per-token stages, in block order."""
+    R, total, HC, D = x_hc.shape
+    Q, HD = wq_a.shape[-1], wkv.shape[-1]
+    H = wq_b.shape[-1] // HD
+    bf16, f32 = x_hc.dtype, np.float32
+    shapes = {"x_mixed": ((D,), bf16), "post": ((HC,), f32), "comb": ((HC * HC,), f32),
+              "x_normed": ((D,), bf16), "q": ((H, HD), bf16), "kv": ((HD,), bf16),
+              "qr": ((Q,), np.int8), "qr_scale": ((1,), f32), "attn_out": ((D,), bf16)}
+    return {name: np.zeros((R, total, *shape), dtype) for name, (shape, dtype) in shapes.items()}
+
+
 class _Undo:
     """The original rows of every cache / state row a call may write, put back on failure."""
 
@@ -336,9 +348,11 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
 
     Stages (stages=True, spec chapter 06 §6): tiles, the list of the tiles in execution
     order, each {"request", "tile", "ctx", "valid", "base", "attention": [the block's
-    stage dicts per rank], "x_attn" [R, TILE, HC, D]}; then x_attn [R, total, HC, D] bf16,
-    the blocks' x_out packed as x_hc (every row of each tile, zero rows outside the tiles;
-    the C kernel's stage too)."""
+    stage dicts per rank], "x_attn" [R, TILE, HC, D]}; then the blocks' per-token stages
+    packed as x_hc, [R, total, ...] with each tile's valid rows and zeros elsewhere (the
+    C kernel's stages too): x_mixed [R, total, D], post, comb, x_normed, q, kv, qr,
+    qr_scale, attn_out [R, total, D]; and x_attn [R, total, HC, D] bf16, the blocks' x_out
+    packed as x_hc (every row of each tile, zero rows outside the tiles)."""
     kern = "prefill_layer"
     cfg = get_config(config)
     kind = layer_kind(layer_id, cfg)
@@ -362,6 +376,7 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
     args = _block_args(block)
     x_next = np.zeros(x_hc.shape, dtype=x_hc.dtype)
     packed = np.zeros(x_hc.shape, dtype=x_hc.dtype) if stages else None
+    packed_stages = _packed_stages(x_hc, wq_a, wq_b, wkv) if stages else None
     ids = np.asarray(input_ids)
     done = []
     try:
@@ -389,6 +404,8 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
             x_next[:, base:base + valid] = y[:, :valid]
             if stages:
                 packed[:, base:base + TILE] = x_attn
+                for name, a in packed_stages.items():
+                    a[:, base:base + valid] = np.stack([p[name][:valid] for p in per_rank])
                 done.append({"request": r, "tile": tile, "ctx": ctx, "valid": valid,
                              "base": base, "attention": per_rank, "x_attn": x_attn})
     except BaseException:
@@ -401,5 +418,5 @@ def prefill_layer(x_hc, seq_lens, chunk_lens, chunk_offsets, chunk_tile_offsets,
            "csa_inner_score_state": csa_inner_score_state, "kv_cache": kv_cache,
            "cmp_kv": cmp_kv, "idx_kv_cache": idx_kv_cache}
     if stages:
-        out["stages"] = {"tiles": done, "x_attn": packed}
+        out["stages"] = {"tiles": done, **packed_stages, "x_attn": packed}
     return out
