@@ -1,6 +1,6 @@
 """Time every kernel's C implementation and its NumPy golden in one run.
 
-    python benchmarks/bench.py [kernel ...] [--repeat 5] [--threads N] [--markdown]
+    python benchmarks/bench.py [kernel ...] [--repeat 5] [--threads N] [--isa NAME] [--markdown]
 
 For each kernel and deployment case (dsv4.specs.CASES): median wall time of
 the C kernel and of the golden over --repeat runs on the same inputs, and the
@@ -43,11 +43,14 @@ def main(argv=None):
     ap.add_argument("kernels", nargs="*")
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--isa", default=None, help="code path: scalar, avx2, avx512, amx (default: the best)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--no-full", action="store_true", help="skip the full-size FLASH cases")
     args = ap.parse_args(argv)
     if args.threads:
         dsv4.set_num_threads(args.threads)
+    if args.isa:
+        dsv4.set_isa(args.isa)
     names = args.kernels or sorted(dsv4.KERNELS)
     print(f"# dsv4 {dsv4.__version__}: {dsv4.get_num_threads()} threads, isa {dsv4.get_isa()}, "
           f"median of {args.repeat}", flush=True)

@@ -1652,6 +1652,8 @@ static PyObject *set_isa(PyObject *self, PyObject *arg)
     enum dsv4_isa isa;
     if (!strcmp(s, "scalar"))
         isa = DSV4_ISA_SCALAR;
+    else if (!strcmp(s, "avx2"))
+        isa = DSV4_ISA_AVX2;
     else if (!strcmp(s, "avx512"))
         isa = DSV4_ISA_AVX512;
     else if (!strcmp(s, "amx"))
@@ -1660,7 +1662,7 @@ static PyObject *set_isa(PyObject *self, PyObject *arg)
         isa = dsv4_best_isa();
     else {
         PyErr_Format(PyExc_ValueError,
-                     "set_isa: isa must be 'auto', 'scalar', 'avx512' or 'amx', got %R", arg);
+                     "set_isa: isa must be 'auto', 'scalar', 'avx2', 'avx512' or 'amx', got %R", arg);
         return NULL;
     }
     if (!dsv4_isa_supported(isa)) {
@@ -1696,7 +1698,7 @@ static PyMethodDef module_methods[] = {
     {"kernel_table", kernel_table, METH_NOARGS, "Every kernel's arguments, as the binding checks them."},
     {"set_num_threads", set_num_threads, METH_O, "Threads the kernels use (results do not depend on it)."},
     {"get_num_threads", get_num_threads, METH_NOARGS, "Threads the kernels use."},
-    {"set_isa", set_isa, METH_O, "'auto', 'scalar', 'avx512' or 'amx': the code path of the hot loops."},
+    {"set_isa", set_isa, METH_O, "'auto', 'scalar', 'avx2', 'avx512' or 'amx': the code path of the hot loops."},
     {"get_isa", get_isa, METH_NOARGS, "The code path in use."},
     {"available_isas", available_isas, METH_NOARGS, "The code paths this CPU can run."},
     {NULL, NULL, 0, NULL}};

@@ -137,7 +137,7 @@ def test_same_bits_for_any_thread_count(kernel, threads):
             assert same_bits(runs[0][name], other[name]), name
 
 
-SIMD = ["avx512", "amx"]
+SIMD = ["avx2", "avx512", "amx"]
 
 
 def need(name):
@@ -188,17 +188,19 @@ def test_same_bits_scalar_and_simd_at_tile_sizes(kernel, simd, isa):
 
 # From DSV4_XWT_PANEL_MIN = 32 tokens on, the bf16 weight-row GEMM runs in 32-row panels and
 # 256-wide k-blocks; here with partial panels (72 rows), a partial k-block whose width is no
-# multiple of 16 (200) and token blocks past 32 (40)
-PANEL = dict(SMALL, head_dim=100, o_lora_rank=72)
+# multiple of 8 or 16 (196) and token blocks past 32 (40). Below it (9 tokens, an odd count)
+# it takes dot products, here with a partial last vector.
+PANEL = dict(SMALL, head_dim=98, o_lora_rank=72)
 
 
+@pytest.mark.parametrize("T", [40, 9])
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("kernel", ["prefill_sparse_attn", "prefill_compressor_ratio4",
                                     "prefill_compressor_ratio128"])
-def test_same_bits_scalar_and_simd_in_the_panel_gemm(kernel, simd, isa):
+def test_same_bits_scalar_and_simd_in_the_panel_gemm(kernel, simd, T, isa):
     import dataclasses
     cfg = dataclasses.replace(dsv4.FLASH, **PANEL)
-    params = dict(next(iter(dsv4.specs.CASES[kernel].values())), T=40)
+    params = dict(next(iter(dsv4.specs.CASES[kernel].values())), T=T)
     inputs = getattr(dsv4.specs, kernel)(**params, seed=4, config=cfg)
     takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters
     need(simd)
@@ -373,6 +375,14 @@ def test_config_by_name_and_bad_config():
         dsv4.rms_norm(**d, config="nope")
 
 
+def test_isa_levels_are_ordered():
+    # each level has every path of the one below, and they are listed from the slowest
+    names = dsv4.available_isas()
+    order = ("scalar", "avx2", "avx512", "amx")
+    assert names[0] == "scalar" and names == tuple(n for n in order if n in names)
+    assert names == order[:len(names)], names
+
+
 def test_set_num_threads_rejects_nonsense():
     with pytest.raises(ValueError, match="n must be"):
         dsv4.set_num_threads(0)
@@ -424,8 +434,9 @@ def test_output_may_not_overlap_an_input():
     assert same_bits(alias, before)
 
 
-@pytest.mark.skipif("avx512" not in dsv4.available_isas(), reason="CPU has no AVX-512 VNNI")
-def test_vector_bf16_store_matches_scalar_on_special_values(isa):
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
+def test_vector_bf16_store_matches_scalar_on_special_values(simd, isa):
+    need(simd)
     # NaN, infinities, ties and overflow go through the vector bf16 rounding of hc_post
     d = dsv4.specs.hc_post(T=2, seed=1)
     x = d["x"].astype(np.float32)
@@ -439,7 +450,7 @@ def test_vector_bf16_store_matches_scalar_on_special_values(isa):
     d["comb"] = np.zeros_like(d["comb"])
     isa("scalar")
     ref = dsv4.hc_post(**d)["y"]
-    isa("avx512")
+    isa(simd)
     assert same_bits(dsv4.hc_post(**d)["y"], ref)
     y = ref.astype(np.float32)
     assert np.isnan(y[0, 0, 0]) and y[0, 0, 1] == np.inf

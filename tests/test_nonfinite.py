@@ -137,14 +137,15 @@ LEAVES = [(k, n) for k, n in CASES if "layer" not in k and "attention_" not in k
           and n in float_inputs(k)[:2]]
 
 
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
 @pytest.mark.parametrize("kernel,name", LEAVES, ids=[f"{k}-{n}" for k, n in LEAVES])
-def test_nonfinite_same_bits_scalar_and_simd(kernel, name, isa):
-    need("avx512")
+def test_nonfinite_same_bits_scalar_and_simd(kernel, name, simd, isa):
+    need(simd)
     inputs, cfg = inputs_of(kernel)
     inputs[name] = plant(inputs[name], seed=len(name))
     isa("scalar")
     ref = run(dsv4.KERNELS[kernel], kernel, inputs, cfg)
-    isa("avx512")
+    isa(simd)
     out = run(dsv4.KERNELS[kernel], kernel, inputs, cfg)
     for o in ref:
         # every bit but a NaN's sign and payload: where a planted NaN meets one an

@@ -57,7 +57,7 @@ def restore_isa():
     dsv4.set_isa("auto")
 
 
-@pytest.fixture(params=["scalar", "avx512", "amx"])
+@pytest.fixture(params=["scalar", "avx2", "avx512", "amx"])
 def each_isa(request):
     if request.param not in dsv4.available_isas():
         pytest.skip(f"{request.param} not available on this CPU")
@@ -533,42 +533,43 @@ def test_matmul_bf16_cancellation_order_matters():
     assert _C.matmul_bf16(a=a, b=b2)["c"][0, 0] == 1.0
 
 
-# ======================================================= scalar vs avx512
+# ================================================== scalar vs each vector path
 
-@pytest.fixture
-def need_avx512(restore_isa):
-    if "avx512" not in dsv4.available_isas():
-        pytest.skip("avx512 not available")
+@pytest.fixture(params=["avx2", "avx512"])
+def simd(request, restore_isa):
+    if request.param not in dsv4.available_isas():
+        pytest.skip(f"{request.param} not available on this CPU")
+    return request.param
 
 
-def under_both(fn):
+def under_both(fn, simd):
     out = {}
-    for name in ("scalar", "avx512"):
+    for name in ("scalar", simd):
         dsv4.set_isa(name)
         assert dsv4.get_isa() == name
         out[name] = fn()
-    return out["scalar"], out["avx512"]
+    return out["scalar"], out[simd]
 
 
-def test_isa_matmul_i8_identical(need_avx512):
+def test_isa_matmul_i8_identical(simd):
     rng = np.random.default_rng(11)
     for M, K, N in [(1, 1, 1), (13, 1100, 100), (8, 5, 17), (3, 64, 32), (9, 4099, 65)]:
         a = rng.integers(-128, 128, (M, K)).astype(np.int8)
         b = rng.integers(-128, 128, (K, N)).astype(np.int8)
-        s, v = under_both(lambda: _C.matmul_i8(a=a, b=b)["c"])
+        s, v = under_both(lambda: _C.matmul_i8(a=a, b=b)["c"], simd)
         np.testing.assert_array_equal(s, v)
         np.testing.assert_array_equal(s, i8_ref(a, b))
 
 
-def test_isa_matmul_bf16_identical(need_avx512):
+def test_isa_matmul_bf16_identical(simd):
     rng = np.random.default_rng(12)
     for M, K, N in [(1, 1, 1), (13, 1100, 100), (8, 5, 17), (3, 64, 32), (9, 333, 65)]:
         a, b = rand_bf16(rng, (M, K), 20), rand_bf16(rng, (K, N), 20)
-        s, v = under_both(lambda: _C.matmul_bf16(a=a, b=b)["c"])
+        s, v = under_both(lambda: _C.matmul_bf16(a=a, b=b)["c"], simd)
         np.testing.assert_array_equal(s.view(np.uint32), v.view(np.uint32))
 
 
-def test_isa_quant_int8_identical(need_avx512):
+def test_isa_quant_int8_identical(simd):
     rng = np.random.default_rng(13)
     x = (rng.standard_normal((50, 333)) * np.exp2(rng.integers(-10, 10, (50, 1)))).astype(np.float32)
     # rows with NaN (skipped by the max, quantised to 0), infinities (amax inf: every q 0),
@@ -581,11 +582,13 @@ def test_isa_quant_int8_identical(need_avx512):
     x[4, :] = 1e-6
     x[5, :] = np.arange(333, dtype=np.float32) - 166.0       # amax 166: many .5 ties
     x[5, 0] = 127.0 * 2.0                                     # amax 254: v/2 ties exactly
-    s, v = under_both(lambda: tuple(_C.quant_int8(x=x).values()))
+    x[6, 20] = np.nan                                         # a NaN in the vectors only
+    s, v = under_both(lambda: tuple(_C.quant_int8(x=x).values()), simd)
     for p, q in zip(s, v):
         np.testing.assert_array_equal(p.view(np.uint8), q.view(np.uint8))
     q = s[0] if s[0].dtype == np.int8 else s[1]
     assert (q[0, [3, 40, 332]] == 0).all() and (q[1] == 0).all() and (q[3] == 0).all()
+    assert (q[6] == 0).all()
 
 
 def exp_inputs():
@@ -616,18 +619,18 @@ def test_exp_f32_rounds_the_true_value(each_isa):
     np.testing.assert_array_equal(y[-7:], y[:7])
 
 
-def test_isa_exp_identical(need_avx512):
+def test_isa_exp_identical(simd):
     x = exp_inputs()
-    s, v = under_both(lambda: _C.exp_f32(x=x)["y"])
+    s, v = under_both(lambda: _C.exp_f32(x=x)["y"], simd)
     np.testing.assert_array_equal(s.view(np.uint32), v.view(np.uint32))
 
 
-def test_isa_qkv_proj_rope_identical(need_avx512):
+def test_isa_qkv_proj_rope_identical(simd):
     import dataclasses
     cfg = dataclasses.replace(dsv4.FLASH, hidden_size=256, q_lora_rank=64, num_attention_heads=4,
                               head_dim=96, qk_rope_head_dim=32)
     inp = dsv4.specs.qkv_proj_rope(T=11, seed=3, config=cfg)
-    s, v = under_both(lambda: dsv4.qkv_proj_rope(**inp, config=cfg))
+    s, v = under_both(lambda: dsv4.qkv_proj_rope(**inp, config=cfg), simd)
     for k in ("q", "kv", "qr", "qr_scale"):
         np.testing.assert_array_equal(s[k].view(np.uint8), v[k].view(np.uint8))
 

@@ -97,8 +97,11 @@ def test_isa_switch_while_other_threads_call_kernels(isa):
     assert not failures
 
 
-@pytest.mark.parametrize("value,ok", [("scalar", True), ("auto", True), ("AVX9000", False), ("avx", False)])
+@pytest.mark.parametrize("value,ok", [("scalar", True), ("avx2", True), ("auto", True),
+                                      ("AVX9000", False), ("avx", False)])
 def test_dsv4_isa_environment_variable(value, ok):
+    if ok and value not in ("auto", *dsv4.available_isas()):
+        pytest.skip(f"this CPU has no {value} path")
     code = "import dsv4; print(dsv4.get_isa())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "DSV4_ISA": value})

@@ -18,10 +18,24 @@ static uint64_t xgetbv0(void)
     return ((uint64_t)hi << 32) | lo;
 }
 
+/* AVX2 and FMA, with the OS saving xmm and ymm state */
+static int has_avx2(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return 0;
+    int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+    if (!osxsave || !avx || !fma || (xgetbv0() & 0x6) != 0x6)
+        return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return (b >> 5) & 1;
+}
+
 static int has_avx512(void)
 {
     unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27)))   /* OSXSAVE */
+    if (!has_avx2() || !__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27)))   /* OSXSAVE */
         return 0;
     /* the OS must save xmm, ymm, opmask and zmm state */
     if ((xgetbv0() & 0xe6) != 0xe6)
@@ -62,6 +76,7 @@ static int has_amx(void)
     return known;
 }
 #else
+static int has_avx2(void) { return 0; }
 static int has_avx512(void) { return 0; }
 static int has_amx(void) { return 0; }
 #endif
@@ -77,18 +92,20 @@ static _Thread_local int tl_isa = -1, tl_nth = 0;
 
 int dsv4_isa_supported(enum dsv4_isa isa)
 {
-    return isa == DSV4_ISA_SCALAR || (isa == DSV4_ISA_AVX512 && has_avx512()) ||
-           (isa == DSV4_ISA_AMX && has_amx());
+    return isa == DSV4_ISA_SCALAR || (isa == DSV4_ISA_AVX2 && has_avx2()) ||
+           (isa == DSV4_ISA_AVX512 && has_avx512()) || (isa == DSV4_ISA_AMX && has_amx());
 }
 
 const char *dsv4_isa_name(enum dsv4_isa isa)
 {
-    return isa == DSV4_ISA_AMX ? "amx" : isa == DSV4_ISA_AVX512 ? "avx512" : "scalar";
+    return isa == DSV4_ISA_AMX ? "amx" : isa == DSV4_ISA_AVX512 ? "avx512"
+         : isa == DSV4_ISA_AVX2 ? "avx2" : "scalar";
 }
 
 enum dsv4_isa dsv4_best_isa(void)
 {
-    return has_amx() ? DSV4_ISA_AMX : has_avx512() ? DSV4_ISA_AVX512 : DSV4_ISA_SCALAR;
+    return has_amx() ? DSV4_ISA_AMX : has_avx512() ? DSV4_ISA_AVX512
+         : has_avx2() ? DSV4_ISA_AVX2 : DSV4_ISA_SCALAR;
 }
 
 static enum dsv4_isa global_isa(void)

@@ -54,7 +54,8 @@ static inline float dsv4_max_nan(float m, float a) { return (a > m || a != a) ? 
 /* e^x rounded to fp32, computed in double: x clamped to [-120, 100] (beyond, fp32 gives 0
  * or inf anyway), n = rint(x / ln 2), r = x - n ln 2 in two fused steps, Horner on the
  * degree-11 Taylor polynomial in fused steps, times 2^n (exact), one rounding. NaN stays NaN.
- * The AVX-512 form (avx512.h) takes the same steps, so it gives the same bits. */
+ * The AVX2 and AVX-512 forms (avx2.h, avx512.h) take the same steps, so they give the same
+ * bits. */
 float dsv4_exp_f32(float x);
 extern const double dsv4_exp_poly[12];     /* 1/11!, 1/10!, ..., 1/1!, 1 */
 #define DSV4_EXP_LOG2E 0x1.71547652b82fep+0
@@ -144,8 +145,9 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
 
 /* ---- CPU features and threads -------------------------------------------- */
 
-/* Ordered: each level has every path of the one below. AMX adds the int8 tile GEMMs. */
-enum dsv4_isa { DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX512 = 1, DSV4_ISA_AMX = 2 };
+/* Ordered: each level has every path of the one below. AVX2 means AVX2 + FMA; AMX adds
+ * the int8 tile GEMMs. */
+enum dsv4_isa { DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX2 = 1, DSV4_ISA_AVX512 = 2, DSV4_ISA_AMX = 3 };
 enum dsv4_isa dsv4_best_isa(void);
 int dsv4_isa_supported(enum dsv4_isa isa);
 enum dsv4_isa dsv4_get_isa(void);

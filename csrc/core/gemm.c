@@ -12,6 +12,7 @@
  */
 #include <math.h>
 
+#include "core/avx2.h"
 #include "core/avx512.h"
 #include "core/dsv4.h"
 #include "core/gemm.h"
@@ -143,12 +144,65 @@ AVX512 static void gemm_bf16_avx512(const float *A, int64_t M, int64_t K, const 
 }
 #endif
 
+#if defined(__x86_64__)
+DSV4_AVX2 static void pack_bf16_avx2(const bf16_t *B, int64_t ldb, int64_t K, int64_t n0,
+                                     int64_t nc, float *P)
+{
+    if (nc != NR) {
+        pack_bf16(B, ldb, K, n0, nc, P);
+        return;
+    }
+    for (int64_t k = 0; k < K; k++)
+        for (int h = 0; h < NR; h += 8)
+            _mm256_store_ps(P + k * NR + h, dsv4_load_bf16x8(B + k * ldb + n0 + h));
+}
+
+/* 4 rows by 16 columns per register block (8 accumulators); two blocks per panel */
+DSV4_AVX2 static void gemm_bf16_avx2(const float *A, int64_t M, int64_t K, const float *P,
+                                     float *C, int64_t ldc, int64_t nc)
+{
+    float tile[4 * 16] __attribute__((aligned(32)));
+    for (int64_t m = 0; m < M; m += 4)
+        for (int64_t j = 0; j < nc; j += 16) {
+            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+                   c21 = c00, c30 = c00, c31 = c00;
+            const float *a = A + m * K, *b = P + j;
+            for (int64_t k = 0; k < K; k++) {
+                __m256 b0 = _mm256_load_ps(b + k * NR), b1 = _mm256_load_ps(b + k * NR + 8);
+                __m256 av = _mm256_set1_ps(a[k]);
+                c00 = _mm256_fmadd_ps(av, b0, c00);
+                c01 = _mm256_fmadd_ps(av, b1, c01);
+                av = _mm256_set1_ps(a[K + k]);
+                c10 = _mm256_fmadd_ps(av, b0, c10);
+                c11 = _mm256_fmadd_ps(av, b1, c11);
+                av = _mm256_set1_ps(a[2 * K + k]);
+                c20 = _mm256_fmadd_ps(av, b0, c20);
+                c21 = _mm256_fmadd_ps(av, b1, c21);
+                av = _mm256_set1_ps(a[3 * K + k]);
+                c30 = _mm256_fmadd_ps(av, b0, c30);
+                c31 = _mm256_fmadd_ps(av, b1, c31);
+            }
+            _mm256_store_ps(tile, c00);
+            _mm256_store_ps(tile + 8, c01);
+            _mm256_store_ps(tile + 16, c10);
+            _mm256_store_ps(tile + 24, c11);
+            _mm256_store_ps(tile + 32, c20);
+            _mm256_store_ps(tile + 40, c21);
+            _mm256_store_ps(tile + 48, c30);
+            _mm256_store_ps(tile + 56, c31);
+            int64_t w = nc - j < 16 ? nc - j : 16;
+            for (int r = 0; r < 4; r++)
+                memcpy(C + (m + r) * ldc + j, tile + r * 16, (size_t)w * sizeof(float));
+        }
+}
+#endif
+
 void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
                     const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
                     float *C, int64_t ldc, void *work)
 {
     float *P = work;
-    int avx = dsv4_get_isa() >= DSV4_ISA_AVX512;
+    int avx = dsv4_get_isa() >= DSV4_ISA_AVX512, avx2 = dsv4_get_isa() >= DSV4_ISA_AVX2;
     for (int64_t j = 0; j < nc; j += NR) {
         int64_t w = nc - j < NR ? nc - j : NR;
 #if defined(__x86_64__)
@@ -157,8 +211,14 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
             gemm_bf16_avx512(A, M, K, P, C + j, ldc, w);
             continue;
         }
+        if (avx2) {
+            pack_bf16_avx2(B, ldb, K, n0 + j, w, P);
+            gemm_bf16_avx2(A, M, K, P, C + j, ldc, w);
+            continue;
+        }
 #endif
         (void)avx;
+        (void)avx2;
         pack_bf16(B, ldb, K, n0 + j, w, P);
         gemm_bf16_scalar(A, M, K, P, C + j, ldc, w);
     }
@@ -171,7 +231,8 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
 
 int64_t dsv4_gemm_i8_lda(int64_t K) { return dsv4_round_up(K, 4); }
 int64_t dsv4_gemm_i8_rows(int64_t M) { return dsv4_round_up(M, DSV4_GEMM_MR); }
-size_t dsv4_gemm_i8_work(int64_t K) { return (size_t)dsv4_gemm_i8_lda(K) * NR; }
+/* the AVX2 panel holds int16, twice the bytes of the others */
+size_t dsv4_gemm_i8_work(int64_t K) { return (size_t)dsv4_gemm_i8_lda(K) * NR * 2; }
 
 void dsv4_gemm_i8_prep_a(const int8_t *A, int64_t M, int64_t K, int8_t *Ap, int32_t *rowsum)
 {
@@ -275,6 +336,121 @@ AVX512 static void gemm_i8_avx512(const int8_t *Ap, const int32_t *rowsum, int64
 }
 #endif
 
+#if defined(__x86_64__)
+/* int8 without VNNI: vpmaddwd on sign-extended int16 is exact (two products of at most 2^14
+ * and their sum fit int32). The panel is pack_i8's layout in int16: for each group of 4 k,
+ * NR columns of 4 values; one vector holds 4 columns x 4 k and madd
+ * leaves per column the sums of k0,k1 and of k2,k3 side by side. */
+#define I8_KC 256
+
+/* 16 bytes at p sign-extended, zero past n bytes, without reading past them */
+DSV4_AVX2 static inline __m256i i8x16_part(const int8_t *p, int64_t n)
+{
+    if (n >= 16)
+        return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    int8_t t[16] = {0};
+    memcpy(t, p, (size_t)n);
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)t));
+}
+
+DSV4_AVX2 static inline int32_t hsum_i32x8(__m256i v)
+{
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
+    x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xb1));
+    return _mm_cvtsi128_si32(x);
+}
+
+DSV4_AVX2 static void pack_i8_x16(const int8_t *B, int64_t ldb, int64_t K, int64_t n0, int64_t nc,
+                                  int16_t *P)
+{
+    const int64_t KG = dsv4_gemm_i8_lda(K) / 4;
+    for (int64_t g = 0; g < KG; g++) {
+        int16_t *p = P + g * 4 * NR;
+        if (nc == NR && 4 * g + 3 < K) {
+            const int8_t *r0 = B + (4 * g) * ldb + n0;
+            for (int h = 0; h < NR; h += 8) {
+                __m128i x0 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(r0 + h)));
+                __m128i x1 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(r0 + ldb + h)));
+                __m128i x2 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(r0 + 2 * ldb + h)));
+                __m128i x3 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(r0 + 3 * ldb + h)));
+                __m128i l01 = _mm_unpacklo_epi16(x0, x1), h01 = _mm_unpackhi_epi16(x0, x1);
+                __m128i l23 = _mm_unpacklo_epi16(x2, x3), h23 = _mm_unpackhi_epi16(x2, x3);
+                __m128i *o = (__m128i *)(p + 4 * h);
+                _mm_store_si128(o + 0, _mm_unpacklo_epi32(l01, l23));
+                _mm_store_si128(o + 1, _mm_unpackhi_epi32(l01, l23));
+                _mm_store_si128(o + 2, _mm_unpacklo_epi32(h01, h23));
+                _mm_store_si128(o + 3, _mm_unpackhi_epi32(h01, h23));
+            }
+            continue;
+        }
+        for (int64_t j = 0; j < NR; j++)
+            for (int64_t q = 0; q < 4; q++) {
+                int64_t k = 4 * g + q;
+                p[4 * j + q] = j < nc && k < K ? B[k * ldb + n0 + j] : 0;
+            }
+    }
+}
+
+/* two vectors of (column, k-pair) sums, columns 0-3 and 4-7 -> the 8 column sums in order */
+DSV4_AVX2 static inline __m256i i8_fold(__m256i x, __m256i y)
+{
+    /* hadd: [x c0 c1 y c4 c5 | x c2 c3 y c6 c7] for x = cols 0-3, y = cols 4-7 */
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(x, y), 0xd8);
+}
+
+/* 4 rows by 8 columns per register block; A's rows are sign-extended a k-block at a time */
+DSV4_AVX2 static void gemm_i8_avx2(const int8_t *Ap, int64_t Mp, int64_t K, const int16_t *P,
+                                   int32_t *C, int64_t ldc, int64_t nc)
+{
+    const int64_t lda = dsv4_gemm_i8_lda(K), KG = lda / 4;
+    int16_t as[4][I8_KC] __attribute__((aligned(32)));
+    int32_t tile[4][8] __attribute__((aligned(32)));
+    for (int64_t m = 0; m < Mp; m += 4)
+        for (int64_t j = 0; j < nc; j += 8) {
+            __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+                    c21 = c00, c30 = c00, c31 = c00;
+            for (int64_t g0 = 0; g0 < KG; g0 += I8_KC / 4) {
+                const int64_t gn = KG - g0 < I8_KC / 4 ? KG - g0 : I8_KC / 4;
+                for (int r = 0; r < 4; r++)
+                    for (int64_t k = 0; k < 4 * gn; k += 16)
+                        _mm256_store_si256((__m256i *)(as[r] + k),
+                                           i8x16_part(Ap + (m + r) * lda + 4 * g0 + k, 4 * gn - k));
+                for (int64_t g = 0; g < gn; g++) {
+                    const int16_t *b = P + (g0 + g) * 4 * NR + 4 * j;
+                    __m256i b0 = _mm256_load_si256((const __m256i *)b);
+                    __m256i b1 = _mm256_load_si256((const __m256i *)(b + 16));
+                    __m256i a;
+                    int64_t a4;
+                    memcpy(&a4, as[0] + 4 * g, 8);
+                    a = _mm256_set1_epi64x(a4);
+                    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, b0));
+                    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, b1));
+                    memcpy(&a4, as[1] + 4 * g, 8);
+                    a = _mm256_set1_epi64x(a4);
+                    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, b0));
+                    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, b1));
+                    memcpy(&a4, as[2] + 4 * g, 8);
+                    a = _mm256_set1_epi64x(a4);
+                    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, b0));
+                    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, b1));
+                    memcpy(&a4, as[3] + 4 * g, 8);
+                    a = _mm256_set1_epi64x(a4);
+                    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(a, b0));
+                    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(a, b1));
+                }
+            }
+            _mm256_store_si256((__m256i *)tile[0], i8_fold(c00, c01));
+            _mm256_store_si256((__m256i *)tile[1], i8_fold(c10, c11));
+            _mm256_store_si256((__m256i *)tile[2], i8_fold(c20, c21));
+            _mm256_store_si256((__m256i *)tile[3], i8_fold(c30, c31));
+            int64_t w = nc - j < 8 ? nc - j : 8;
+            for (int r = 0; r < 4; r++)
+                memcpy(C + (m + r) * ldc + j, tile[r], (size_t)w * sizeof(int32_t));
+        }
+}
+#endif
+
 /* ---- int8, weights as rows (W [N, K], row n = output column n) ----------------
  * The expert layout. C[m, n] = sum_k A[m, k] W[n, k], exact. The AVX-512 path
  * streams W rows 64 bytes at a time against four A rows, so W needs no packing. */
@@ -321,6 +497,60 @@ AVX512 static void gemm_i8_nt_avx512(const int8_t *Ap, const int32_t *rowsum, in
             for (int r = 0; r < 4; r++)
                 for (int q = 0; q < 4; q++)
                     C[(m + r) * ldc + j + q] = _mm512_reduce_add_epi32(acc[r][q]) - 128 * rowsum[m + r];
+        }
+    if (j < nc)
+        gemm_i8_nt_scalar(Ap, Mp, K, W, ldw, n0 + j, nc - j, C + j, ldc);
+}
+#endif
+
+#if defined(__x86_64__)
+/* 2 A rows by 4 W rows, 16 k at a time through vpmaddwd (exact). The four W rows are
+ * sign-extended once per k-block and meet every A row from there; the int32 sums of the
+ * k-blocks add up in C, exactly. */
+#define NT_KC 1024
+
+DSV4_AVX2 static void gemm_i8_nt_avx2(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *W,
+                                      int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
+{
+    const int64_t lda = dsv4_gemm_i8_lda(K);
+    int16_t wx[4][NT_KC] __attribute__((aligned(32)));
+    int64_t j = 0;
+    for (; j + 4 <= nc; j += 4)
+        for (int64_t k0 = 0; k0 < K; k0 += NT_KC) {
+            const int64_t kn = K - k0 < NT_KC ? K - k0 : NT_KC;
+            for (int q = 0; q < 4; q++)
+                for (int64_t k = 0; k < kn; k += 16)
+                    _mm256_store_si256((__m256i *)(wx[q] + k),
+                                       i8x16_part(W + (n0 + j + q) * ldw + k0 + k, kn - k));
+            for (int64_t m = 0; m < Mp; m += 2) {
+                __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00, c10 = c00,
+                        c11 = c00, c12 = c00, c13 = c00;
+                const int8_t *a0 = Ap + m * lda + k0, *a1 = a0 + lda;
+                for (int64_t k = 0; k < kn; k += 16) {
+                    __m256i x0 = _mm256_load_si256((const __m256i *)(wx[0] + k));
+                    __m256i x1 = _mm256_load_si256((const __m256i *)(wx[1] + k));
+                    __m256i x2 = _mm256_load_si256((const __m256i *)(wx[2] + k));
+                    __m256i x3 = _mm256_load_si256((const __m256i *)(wx[3] + k));
+                    __m256i a = i8x16_part(a0 + k, kn - k);
+                    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, x0));
+                    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, x1));
+                    c02 = _mm256_add_epi32(c02, _mm256_madd_epi16(a, x2));
+                    c03 = _mm256_add_epi32(c03, _mm256_madd_epi16(a, x3));
+                    a = i8x16_part(a1 + k, kn - k);
+                    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, x0));
+                    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, x1));
+                    c12 = _mm256_add_epi32(c12, _mm256_madd_epi16(a, x2));
+                    c13 = _mm256_add_epi32(c13, _mm256_madd_epi16(a, x3));
+                }
+                int32_t *c = C + m * ldc + j;
+                const int32_t s[8] = {hsum_i32x8(c00), hsum_i32x8(c01), hsum_i32x8(c02),
+                                      hsum_i32x8(c03), hsum_i32x8(c10), hsum_i32x8(c11),
+                                      hsum_i32x8(c12), hsum_i32x8(c13)};
+                for (int q = 0; q < 4; q++) {
+                    c[q] = k0 ? c[q] + s[q] : s[q];
+                    c[ldc + q] = k0 ? c[ldc + q] + s[4 + q] : s[4 + q];
+                }
+            }
         }
     if (j < nc)
         gemm_i8_nt_scalar(Ap, Mp, K, W, ldw, n0 + j, nc - j, C + j, ldc);
@@ -554,6 +784,14 @@ void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K
         }
         return;
     }
+    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        for (int64_t j = 0; j < nc; j += NR) {
+            int64_t w = nc - j < NR ? nc - j : NR;
+            pack_i8_x16(B, ldb, K, n0 + j, w, work);
+            gemm_i8_avx2(Ap, Mp, K, work, C + j, ldc, w);
+        }
+        return;
+    }
 #endif
     (void)rowsum; (void)work;
     gemm_i8_scalar(Ap, Mp, K, B, ldb, n0, nc, C, ldc);
@@ -569,6 +807,10 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
     }
     if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         gemm_i8_nt_avx512(Ap, rowsum, Mp, K, W, ldw, n0, nc, C, ldc);
+        return;
+    }
+    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        gemm_i8_nt_avx2(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
         return;
     }
 #endif
@@ -673,6 +915,65 @@ AVX512 static void xwt_panel_avx512(const bf16_t *W, int64_t ldw, int64_t nr, in
 }
 #endif
 
+#if defined(__x86_64__)
+/* xwt_micro_avx512 as four register blocks of 4 tokens by 16 rows */
+DSV4_AVX2 static void xwt_micro_avx2(const float *A, int64_t lda, const float *B, int64_t kb,
+                                     float *ct)
+{
+    for (int r0 = 0; r0 < 8; r0 += 4)
+        for (int j = 0; j < XWT_NR; j += 16) {
+            float *c = ct + r0 * XWT_NR + j;
+            __m256 c00 = _mm256_load_ps(c), c01 = _mm256_load_ps(c + 8);
+            __m256 c10 = _mm256_load_ps(c + XWT_NR), c11 = _mm256_load_ps(c + XWT_NR + 8);
+            __m256 c20 = _mm256_load_ps(c + 2 * XWT_NR), c21 = _mm256_load_ps(c + 2 * XWT_NR + 8);
+            __m256 c30 = _mm256_load_ps(c + 3 * XWT_NR), c31 = _mm256_load_ps(c + 3 * XWT_NR + 8);
+            const float *a = A + r0 * lda, *b = B + j;
+            for (int64_t k = 0; k < kb; k++) {
+                __m256 b0 = _mm256_load_ps(b + k * XWT_NR), b1 = _mm256_load_ps(b + k * XWT_NR + 8);
+                __m256 av = _mm256_set1_ps(a[k]);
+                c00 = _mm256_fmadd_ps(av, b0, c00);
+                c01 = _mm256_fmadd_ps(av, b1, c01);
+                av = _mm256_set1_ps(a[lda + k]);
+                c10 = _mm256_fmadd_ps(av, b0, c10);
+                c11 = _mm256_fmadd_ps(av, b1, c11);
+                av = _mm256_set1_ps(a[2 * lda + k]);
+                c20 = _mm256_fmadd_ps(av, b0, c20);
+                c21 = _mm256_fmadd_ps(av, b1, c21);
+                av = _mm256_set1_ps(a[3 * lda + k]);
+                c30 = _mm256_fmadd_ps(av, b0, c30);
+                c31 = _mm256_fmadd_ps(av, b1, c31);
+            }
+            _mm256_store_ps(c, c00);
+            _mm256_store_ps(c + 8, c01);
+            _mm256_store_ps(c + XWT_NR, c10);
+            _mm256_store_ps(c + XWT_NR + 8, c11);
+            _mm256_store_ps(c + 2 * XWT_NR, c20);
+            _mm256_store_ps(c + 2 * XWT_NR + 8, c21);
+            _mm256_store_ps(c + 3 * XWT_NR, c30);
+            _mm256_store_ps(c + 3 * XWT_NR + 8, c31);
+        }
+}
+
+/* xwt_panel_scalar, 8 rows x 8 k at a time: widen, then an 8 x 8 transpose */
+DSV4_AVX2 static void xwt_panel_avx2(const bf16_t *W, int64_t ldw, int64_t nr, int64_t kn, float *P)
+{
+    const int64_t k8 = kn / 8 * 8;
+    for (int64_t jb = 0; jb < XWT_NR; jb += 8) {
+        int64_t rows = nr - jb < 0 ? 0 : nr - jb < 8 ? nr - jb : 8;
+        for (int64_t k = 0; k < k8; k += 8) {
+            __m256 r[8];
+            for (int n = 0; n < 8; n++)
+                r[n] = n < rows ? dsv4_load_bf16x8(W + (jb + n) * ldw + k) : _mm256_setzero_ps();
+            dsv4_transpose8(r, P + k * XWT_NR + jb, XWT_NR * 4);
+        }
+    }
+    if (k8 < kn)
+        for (int64_t k = k8; k < kn; k++)
+            for (int64_t j = 0; j < XWT_NR; j++)
+                P[k * XWT_NR + j] = j < nr ? dsv4_bf16_to_f32(W[j * ldw + k]) : 0.0f;
+}
+#endif
+
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
               int64_t K, float *out, int64_t ldo, void *work, int nth)
 {
@@ -703,6 +1004,9 @@ void dsv4_xwt_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, i
     if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         micro = xwt_micro_avx512;
         panel = xwt_panel_avx512;
+    } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        micro = xwt_micro_avx2;
+        panel = xwt_panel_avx2;
     }
 #endif
     const int64_t Tr = xwt_token_rows(T), np = (N + XWT_NR - 1) / XWT_NR, calls = Tr / 8;

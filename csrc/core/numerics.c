@@ -2,6 +2,7 @@
  * vectorise freely, because the order is spelled out lane by lane. */
 #include <math.h>
 
+#include "core/avx2.h"
 #include "core/avx512.h"
 #include "core/dsv4.h"
 
@@ -132,6 +133,71 @@ __attribute__((target("avx512f,avx512vl"))) static void dot4x4_avx512(
 }
 #endif
 
+#if defined(__x86_64__)
+/* The AVX2 forms hold the 16 lanes of each sum in two registers, lanes 0-7 and 8-15; a
+ * partial last vector reads as zero beyond n, as in dot_scalar. */
+DSV4_AVX2 static float dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (int64_t k = 0; k < n; k += LANES) {
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(dsv4_load_f32x8_part(a + k, n - k),
+                                             dsv4_load_f32x8_part(b + k, n - k)));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(dsv4_load_f32x8_part(a + k + 8, n - k - 8),
+                                             dsv4_load_f32x8_part(b + k + 8, n - k - 8)));
+    }
+    return dsv4_reduce16x2(lo, hi);
+}
+
+/* Four dot products sharing x: independent chains, each in the canonical order. */
+DSV4_AVX2 static void dot4_avx2(const float *x, const float *W, int64_t ldw, int64_t n, float *out)
+{
+    __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0;
+    for (int64_t k = 0; k < n; k += LANES) {
+        __m256 xl = dsv4_load_f32x8_part(x + k, n - k), xh = dsv4_load_f32x8_part(x + k + 8, n - k - 8);
+        l0 = _mm256_add_ps(l0, _mm256_mul_ps(xl, dsv4_load_f32x8_part(W + k, n - k)));
+        h0 = _mm256_add_ps(h0, _mm256_mul_ps(xh, dsv4_load_f32x8_part(W + k + 8, n - k - 8)));
+        l1 = _mm256_add_ps(l1, _mm256_mul_ps(xl, dsv4_load_f32x8_part(W + ldw + k, n - k)));
+        h1 = _mm256_add_ps(h1, _mm256_mul_ps(xh, dsv4_load_f32x8_part(W + ldw + k + 8, n - k - 8)));
+        l2 = _mm256_add_ps(l2, _mm256_mul_ps(xl, dsv4_load_f32x8_part(W + 2 * ldw + k, n - k)));
+        h2 = _mm256_add_ps(h2, _mm256_mul_ps(xh, dsv4_load_f32x8_part(W + 2 * ldw + k + 8, n - k - 8)));
+        l3 = _mm256_add_ps(l3, _mm256_mul_ps(xl, dsv4_load_f32x8_part(W + 3 * ldw + k, n - k)));
+        h3 = _mm256_add_ps(h3, _mm256_mul_ps(xh, dsv4_load_f32x8_part(W + 3 * ldw + k + 8, n - k - 8)));
+    }
+    out[0] = dsv4_reduce16x2(l0, h0);
+    out[1] = dsv4_reduce16x2(l1, h1);
+    out[2] = dsv4_reduce16x2(l2, h2);
+    out[3] = dsv4_reduce16x2(l3, h3);
+}
+
+/* 2 x-rows by 2 w-rows: each w chunk is loaded once for two tokens. */
+DSV4_AVX2 static void dot2x2_avx2(const float *X, int64_t ldx, const float *W, int64_t ldw,
+                                  int64_t n, float *out, int64_t ldo)
+{
+    __m256 l00 = _mm256_setzero_ps(), h00 = l00, l01 = l00, h01 = l00, l10 = l00, h10 = l00,
+           l11 = l00, h11 = l00;
+    for (int64_t k = 0; k < n; k += LANES) {
+        __m256 wl0 = dsv4_load_f32x8_part(W + k, n - k), wh0 = dsv4_load_f32x8_part(W + k + 8, n - k - 8);
+        __m256 wl1 = dsv4_load_f32x8_part(W + ldw + k, n - k);
+        __m256 wh1 = dsv4_load_f32x8_part(W + ldw + k + 8, n - k - 8);
+        __m256 xl = dsv4_load_f32x8_part(X + k, n - k), xh = dsv4_load_f32x8_part(X + k + 8, n - k - 8);
+        l00 = _mm256_add_ps(l00, _mm256_mul_ps(xl, wl0));
+        h00 = _mm256_add_ps(h00, _mm256_mul_ps(xh, wh0));
+        l01 = _mm256_add_ps(l01, _mm256_mul_ps(xl, wl1));
+        h01 = _mm256_add_ps(h01, _mm256_mul_ps(xh, wh1));
+        xl = dsv4_load_f32x8_part(X + ldx + k, n - k);
+        xh = dsv4_load_f32x8_part(X + ldx + k + 8, n - k - 8);
+        l10 = _mm256_add_ps(l10, _mm256_mul_ps(xl, wl0));
+        h10 = _mm256_add_ps(h10, _mm256_mul_ps(xh, wh0));
+        l11 = _mm256_add_ps(l11, _mm256_mul_ps(xl, wl1));
+        h11 = _mm256_add_ps(h11, _mm256_mul_ps(xh, wh1));
+    }
+    out[0] = dsv4_reduce16x2(l00, h00);
+    out[1] = dsv4_reduce16x2(l01, h01);
+    out[ldo] = dsv4_reduce16x2(l10, h10);
+    out[ldo + 1] = dsv4_reduce16x2(l11, h11);
+}
+#endif
+
 void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, int64_t ldw,
                        int64_t M, int64_t n, float *out, int64_t ldo)
 {
@@ -143,6 +209,14 @@ void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
             for (; m + 4 <= M; m += 4)
                 dot4x4_avx512(X + i0 * ldx, ldx, W + m * ldw, ldw, n, out + i0 * ldo + m, ldo);
             for (int64_t i = i0; i < i0 + 4; i++)
+                dsv4_dot_f32_rows(X + i * ldx, W + m * ldw, ldw, M - m, n, out + i * ldo + m);
+        }
+    else if (dsv4_get_isa() >= DSV4_ISA_AVX2)
+        for (; i0 + 2 <= NX; i0 += 2) {
+            int64_t m = 0;
+            for (; m + 2 <= M; m += 2)
+                dot2x2_avx2(X + i0 * ldx, ldx, W + m * ldw, ldw, n, out + i0 * ldo + m, ldo);
+            for (int64_t i = i0; i < i0 + 2; i++)
                 dsv4_dot_f32_rows(X + i * ldx, W + m * ldw, ldw, M - m, n, out + i * ldo + m);
         }
 #endif
@@ -157,6 +231,9 @@ void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, i
     if (dsv4_get_isa() >= DSV4_ISA_AVX512)
         for (; m + 8 <= M; m += 8)
             dot8_avx512(x, W + m * ldw, ldw, n, out + m);
+    else if (dsv4_get_isa() >= DSV4_ISA_AVX2)
+        for (; m + 4 <= M; m += 4)
+            dot4_avx2(x, W + m * ldw, ldw, n, out + m);
 #endif
     for (; m < M; m++)
         out[m] = dsv4_dot_f32(x, W + m * ldw, n);
@@ -167,6 +244,8 @@ float dsv4_dot_f32(const float *a, const float *b, int64_t n)
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512)
         return dot_avx512(a, b, n);
+    if (dsv4_get_isa() >= DSV4_ISA_AVX2)
+        return dot_avx2(a, b, n);
 #endif
     return dot_scalar(a, b, n);
 }
@@ -212,11 +291,51 @@ __attribute__((target("avx512f,avx512vl,avx512bw"))) static float quant_row_i8_a
 }
 #endif
 
+#if defined(__x86_64__)
+/* quant_row_i8_avx512 on 8 lanes: the unordered compare catches a NaN the max would drop */
+DSV4_AVX2 static float quant_row_i8_avx2(const float *v, int64_t n, int8_t *q)
+{
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 am = _mm256_set1_ps(1e-4f), nan = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 x = _mm256_loadu_ps(v + k);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        am = _mm256_max_ps(_mm256_and_ps(x, absm), am);
+    }
+    /* the max of non-NaN values is the same in any order */
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float amax = _mm256_movemask_ps(nan) ? NAN : _mm_cvtss_f32(m4);
+    for (; k < n; k++)
+        amax = dsv4_max_nan(amax, fabsf(v[k]));
+    float sq = (1.0f / amax) * 127.0f;
+    const __m256 s = _mm256_set1_ps(sq);
+    for (k = 0; k + 8 <= n; k += 8) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + k), s),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256i ok = _mm256_castps_si256(_mm256_cmp_ps(r, r, _CMP_ORD_Q));
+        __m256i qi = _mm256_and_si256(_mm256_cvtps_epi32(r), ok);
+        /* |q| <= 127: the saturating packs keep every value */
+        __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(h, h));
+    }
+    for (; k < n; k++) {
+        float r = nearbyintf(v[k] * sq);
+        q[k] = r == r ? (int8_t)(int32_t)r : 0;
+    }
+    return 1.0f / sq;
+}
+#endif
+
 float dsv4_quant_row_i8(const float *v, int64_t n, int8_t *q)
 {
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512)
         return quant_row_i8_avx512(v, n, q);
+    if (dsv4_get_isa() >= DSV4_ISA_AVX2)
+        return quant_row_i8_avx2(v, n, q);
 #endif
     float amax = 1e-4f;                 /* INT8_AMAX_EPS, as fp32 */
     for (int64_t k = 0; k < n; k++)
@@ -255,6 +374,26 @@ DSV4_AVX512 static int64_t rope_bf16_avx512(const float *v, const float *cos, co
 }
 #endif
 
+#if defined(__x86_64__)
+/* rope_bf16_avx512 on 4 pairs at a time, the same products, sums and differences */
+DSV4_AVX2 static int64_t rope_bf16_avx2(const float *v, const float *cos, const float *sin,
+                                        int64_t n, int inverse, bf16_t *y)
+{
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    int64_t i = 0;
+    for (; 2 * i + 8 <= n; i += 4) {
+        __m256 x = _mm256_loadu_ps(v + 2 * i);
+        __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cos + i)), dup);
+        __m256 sn = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sin + i)), dup);
+        __m256 p1 = _mm256_mul_ps(x, c), p2 = _mm256_mul_ps(_mm256_permute_ps(x, 0xb1), sn);
+        __m256 r = inverse ? _mm256_blend_ps(_mm256_add_ps(p1, p2), _mm256_sub_ps(p1, p2), 0xaa)
+                           : _mm256_blend_ps(_mm256_sub_ps(p1, p2), _mm256_add_ps(p2, p1), 0xaa);
+        dsv4_store_bf16x8(y + 2 * i, r);
+    }
+    return i;
+}
+#endif
+
 void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t n,
                     int inverse, bf16_t *y)
 {
@@ -262,6 +401,8 @@ void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t 
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512)
         i0 = rope_bf16_avx512(v, cos, sin, n, inverse, y);
+    else if (dsv4_get_isa() >= DSV4_ISA_AVX2)
+        i0 = rope_bf16_avx2(v, cos, sin, n, inverse, y);
 #endif
     for (int64_t i = i0; i < n / 2; i++) {
         float a = v[2 * i], b = v[2 * i + 1], c = cos[i], s = sin[i];
@@ -291,11 +432,26 @@ __attribute__((target("avx512f,avx512vl"))) static void bf16_row_to_f32_avx512(c
 }
 #endif
 
+#if defined(__x86_64__)
+DSV4_AVX2 static void bf16_row_to_f32_avx2(const bf16_t *x, int64_t n, float *y)
+{
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(y + k, dsv4_load_bf16x8(x + k));
+    for (; k < n; k++)
+        y[k] = dsv4_bf16_to_f32(x[k]);
+}
+#endif
+
 void dsv4_bf16_row_to_f32(const bf16_t *x, int64_t n, float *y)
 {
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         bf16_row_to_f32_avx512(x, n, y);
+        return;
+    }
+    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        bf16_row_to_f32_avx2(x, n, y);
         return;
     }
 #endif
@@ -489,6 +645,76 @@ __attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot4x1_fma_avx5
 }
 #endif
 
+#if defined(__x86_64__)
+/* lanes k..k+7 of a w-row, fp32 (wf) or bf16 (wb), zero past n */
+DSV4_AVX2 static inline __m256 load_w8(const float *wf, const bf16_t *wb, int64_t k, int64_t n)
+{
+    return wf ? dsv4_load_f32x8_part(wf + k, n - k) : dsv4_load_bf16x8_part(wb + k, n - k);
+}
+
+#define FMA8(x, w, a) a = _mm256_fmadd_ps(x, w, a)
+
+/* 2 x-rows by 2 w-rows, lanes 0-7 (l) and 8-15 (h) of each sum in named registers */
+DSV4_AVX2 static void dot2x2_fma_avx2(const float *X, int64_t ldx, const float *wf,
+                                      const bf16_t *wb, int64_t ldw, int64_t n, float *out,
+                                      int64_t ldo)
+{
+    const float *wf1 = wf ? wf + ldw : NULL;
+    const bf16_t *wb1 = wb ? wb + ldw : NULL;
+    __m256 l00 = _mm256_setzero_ps(), h00 = l00, l01 = l00, h01 = l00, l10 = l00, h10 = l00,
+           l11 = l00, h11 = l00;
+    for (int64_t k = 0; k < n; k += LANES) {
+        __m256 wl0 = load_w8(wf, wb, k, n), wh0 = load_w8(wf, wb, k + 8, n);
+        __m256 wl1 = load_w8(wf1, wb1, k, n), wh1 = load_w8(wf1, wb1, k + 8, n);
+        __m256 xl = dsv4_load_f32x8_part(X + k, n - k), xh = dsv4_load_f32x8_part(X + k + 8, n - k - 8);
+        FMA8(xl, wl0, l00);
+        FMA8(xh, wh0, h00);
+        FMA8(xl, wl1, l01);
+        FMA8(xh, wh1, h01);
+        xl = dsv4_load_f32x8_part(X + ldx + k, n - k);
+        xh = dsv4_load_f32x8_part(X + ldx + k + 8, n - k - 8);
+        FMA8(xl, wl0, l10);
+        FMA8(xh, wh0, h10);
+        FMA8(xl, wl1, l11);
+        FMA8(xh, wh1, h11);
+    }
+    out[0] = dsv4_reduce16x2(l00, h00);
+    out[1] = dsv4_reduce16x2(l01, h01);
+    out[ldo] = dsv4_reduce16x2(l10, h10);
+    out[ldo + 1] = dsv4_reduce16x2(l11, h11);
+}
+
+/* one x-row by nw <= 4 w-rows */
+DSV4_AVX2 static void dot1x4_fma_avx2(const float *x, const float *wf, const bf16_t *wb,
+                                      int64_t ldw, int nw, int64_t n, float *out)
+{
+    __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0;
+    const float *f[4];
+    const bf16_t *b[4];
+    for (int r = 0; r < 4; r++) {       /* rows past nw repeat the last one, not stored */
+        int rr = r < nw ? r : nw - 1;
+        f[r] = wf ? wf + rr * ldw : NULL;
+        b[r] = wb ? wb + rr * ldw : NULL;
+    }
+    for (int64_t k = 0; k < n; k += LANES) {
+        __m256 xl = dsv4_load_f32x8_part(x + k, n - k), xh = dsv4_load_f32x8_part(x + k + 8, n - k - 8);
+        FMA8(xl, load_w8(f[0], b[0], k, n), l0);
+        FMA8(xh, load_w8(f[0], b[0], k + 8, n), h0);
+        FMA8(xl, load_w8(f[1], b[1], k, n), l1);
+        FMA8(xh, load_w8(f[1], b[1], k + 8, n), h1);
+        FMA8(xl, load_w8(f[2], b[2], k, n), l2);
+        FMA8(xh, load_w8(f[2], b[2], k + 8, n), h2);
+        FMA8(xl, load_w8(f[3], b[3], k, n), l3);
+        FMA8(xh, load_w8(f[3], b[3], k + 8, n), h3);
+    }
+    float v[4] = {dsv4_reduce16x2(l0, h0), dsv4_reduce16x2(l1, h1), dsv4_reduce16x2(l2, h2),
+                  dsv4_reduce16x2(l3, h3)};
+    for (int r = 0; r < nw; r++)
+        out[r] = v[r];
+}
+#undef FMA8
+#endif
+
 void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, const bf16_t *Wb,
                        int64_t ldw, int64_t M, int64_t n, float *out, int64_t ldo)
 {
@@ -521,6 +747,20 @@ void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
             for (; m < M; m++)
                 out[i0 * ldo + m] = dot_fma_scalar(X + i0 * ldx, W + m * ldw, NULL, n);
         }
+    } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        for (; i0 + 2 <= NX; i0 += 2) {
+            int64_t m = 0;
+            for (; m + 2 <= M; m += 2)
+                dot2x2_fma_avx2(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
+                                Wb ? Wb + m * ldw : NULL, ldw, n, out + i0 * ldo + m, ldo);
+            for (int64_t i = i0; m < M && i < i0 + 2; i++)
+                dot1x4_fma_avx2(X + i * ldx, W ? W + m * ldw : NULL, Wb ? Wb + m * ldw : NULL,
+                                ldw, 1, n, out + i * ldo + m);
+        }
+        for (; i0 < NX; i0++)
+            for (int64_t m = 0; m < M; m += 4)
+                dot1x4_fma_avx2(X + i0 * ldx, W ? W + m * ldw : NULL, Wb ? Wb + m * ldw : NULL,
+                                ldw, M - m < 4 ? (int)(M - m) : 4, n, out + i0 * ldo + m);
     }
 #endif
     for (int64_t i = i0; i < NX; i++)
@@ -603,12 +843,63 @@ __attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
 }
 #endif
 
+#if defined(__x86_64__)
+/* two heads share each row of V: 8 chains of 8 lanes in flight */
+DSV4_AVX2 static void pv_avx2(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V,
+                              int64_t n, int64_t HD, float *O)
+{
+    int64_t d0 = 0;
+    for (; d0 + 32 <= HD; d0 += 32)
+        for (int64_t h = 0; h < H; h += 2) {
+            const int64_t h1 = h + 1 < H ? h + 1 : h;    /* an odd last head runs twice */
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+                   b3 = a0;
+            const float *p = P + h * ldh, *q = P + h1 * ldh;
+            for (int64_t i = 0; i < n; i++) {
+                const float *v = V + i * HD + d0;
+                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+                __m256 pi = _mm256_set1_ps(p[i * ldi]), qi = _mm256_set1_ps(q[i * ldi]);
+                a0 = _mm256_fmadd_ps(pi, v0, a0);
+                a1 = _mm256_fmadd_ps(pi, v1, a1);
+                a2 = _mm256_fmadd_ps(pi, v2, a2);
+                a3 = _mm256_fmadd_ps(pi, v3, a3);
+                b0 = _mm256_fmadd_ps(qi, v0, b0);
+                b1 = _mm256_fmadd_ps(qi, v1, b1);
+                b2 = _mm256_fmadd_ps(qi, v2, b2);
+                b3 = _mm256_fmadd_ps(qi, v3, b3);
+            }
+            float *o = O + h * HD + d0, *o1 = O + h1 * HD + d0;
+            _mm256_storeu_ps(o1, b0);
+            _mm256_storeu_ps(o1 + 8, b1);
+            _mm256_storeu_ps(o1 + 16, b2);
+            _mm256_storeu_ps(o1 + 24, b3);
+            _mm256_storeu_ps(o, a0);
+            _mm256_storeu_ps(o + 8, a1);
+            _mm256_storeu_ps(o + 16, a2);
+            _mm256_storeu_ps(o + 24, a3);
+        }
+    if (d0 < HD)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t d = d0; d < HD; d++) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < n; i++)
+                    acc = fmaf(P[h * ldh + i * ldi], V[i * HD + d], acc);
+                O[h * HD + d] = acc;
+            }
+}
+#endif
+
 void dsv4_pv(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n,
              int64_t HD, float *O)
 {
 #if defined(__x86_64__)
     if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
         pv_avx512(P, ldh, ldi, H, V, n, HD, O);
+        return;
+    }
+    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        pv_avx2(P, ldh, ldi, H, V, n, HD, O);
         return;
     }
 #endif

@@ -13,6 +13,7 @@
 #include <omp.h>
 #include <stdio.h>
 
+#include "core/avx2.h"
 #include "core/avx512.h"
 #include "core/gemm.h"
 #include "kernels/kernels.h"
@@ -350,6 +351,29 @@ DSV4_AVX512 static void softmax_avx512(float *s, int64_t n, int64_t H, float sca
         _mm512_mask_storeu_ps(l + h, k, sum);
     }
 }
+
+/* softmax_avx512 on 8 heads at a time */
+DSV4_AVX2 static void softmax_avx2(float *s, int64_t n, int64_t H, float scale, float *m, float *l)
+{
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int64_t h = 0; h < H; h += 8) {
+        const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(H - h < 8 ? H - h : 8)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 mx = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i++) {
+            __m256 v = _mm256_mul_ps(_mm256_maskload_ps(s + i * H + h, k), sc);
+            _mm256_maskstore_ps(s + i * H + h, k, v);
+            mx = _mm256_blendv_ps(mx, v, _mm256_cmp_ps(v, mx, _CMP_GT_OQ));
+        }
+        for (int64_t i = 0; i < n; i++) {
+            __m256 ex = dsv4_exp_f32x8(_mm256_sub_ps(_mm256_maskload_ps(s + i * H + h, k), mx));
+            sum = _mm256_add_ps(sum, ex);
+            _mm256_maskstore_ps(s + i * H + h, k, dsv4_round_bf16x8(ex));
+        }
+        _mm256_maskstore_ps(m + h, k, mx);
+        _mm256_maskstore_ps(l + h, k, sum);
+    }
+}
 #endif
 
 /* ---- scores (§2.2): s[i * H + h] = q_h . k_i, fused steps over k in order ----------
@@ -393,6 +417,72 @@ DSV4_AVX512 static void qk_prep_avx512(const bf16_t *q, int64_t H, int64_t HD, f
     if (H % 32 && H % 32 <= 16)             /* the last panel's upper half */
         for (int64_t k = 0; k < HD; k++)
             memset(qt + (H / 32) * HD * 32 + k * 32 + 16, 0, 16 * sizeof(float));
+}
+
+/* qk_prep_avx512's panels, built with 8 x 8 transposes */
+DSV4_AVX2 static void qk_prep_avx2(const bf16_t *q, int64_t H, int64_t HD, float *qt)
+{
+    const int64_t k8 = HD / 8 * 8;
+    for (int64_t h0 = 0; h0 < H; h0 += 8) {
+        const int64_t rows = H - h0 < 8 ? H - h0 : 8;
+        float *panel = qt + (h0 / 32) * HD * 32 + h0 % 32;
+        for (int64_t k = 0; k < k8; k += 8) {
+            __m256 r[8];
+            for (int j = 0; j < 8; j++)
+                r[j] = j < rows ? dsv4_load_bf16x8(q + (h0 + j) * HD + k) : _mm256_setzero_ps();
+            dsv4_transpose8(r, panel + k * 32, 32 * sizeof(float));
+        }
+        for (int64_t k = k8; k < HD; k++)
+            for (int64_t j = 0; j < 8; j++)
+                panel[k * 32 + j] = j < rows ? dsv4_bf16_to_f32(q[(h0 + j) * HD + k]) : 0.0f;
+    }
+    if (H % 32 && H % 32 <= 24)             /* the last panel's unwritten columns */
+        for (int64_t k = 0; k < HD; k++)
+            memset(qt + (H / 32) * HD * 32 + k * 32 + dsv4_round_up(H % 32, 8), 0,
+                   (size_t)(32 - dsv4_round_up(H % 32, 8)) * sizeof(float));
+}
+
+/* 4 rows by 16 heads per register block; rows past n (up to the next multiple of 8) are
+ * read, not stored */
+DSV4_AVX2 static void qk_avx2(const float *qt, const float *kt0, int64_t n, int64_t H, int64_t HD,
+                              float *s)
+{
+    float tile[4][16] __attribute__((aligned(32)));
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {
+        const int ir = n - i0 < 4 ? (int)(n - i0) : 4;
+        const float *kt = kt0 + i0 * HD;
+        for (int64_t h0 = 0; h0 < H; h0 += 16) {
+            const int64_t w = H - h0 < 16 ? H - h0 : 16;
+            const float *b = qt + (h0 / 32) * HD * 32 + h0 % 32;
+            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+                   c21 = c00, c30 = c00, c31 = c00;
+            for (int64_t k = 0; k < HD; k++) {
+                __m256 b0 = _mm256_loadu_ps(b + k * 32), b1 = _mm256_loadu_ps(b + k * 32 + 8);
+                __m256 ar = _mm256_set1_ps(kt[k]);
+                c00 = _mm256_fmadd_ps(ar, b0, c00);
+                c01 = _mm256_fmadd_ps(ar, b1, c01);
+                ar = _mm256_set1_ps(kt[HD + k]);
+                c10 = _mm256_fmadd_ps(ar, b0, c10);
+                c11 = _mm256_fmadd_ps(ar, b1, c11);
+                ar = _mm256_set1_ps(kt[2 * HD + k]);
+                c20 = _mm256_fmadd_ps(ar, b0, c20);
+                c21 = _mm256_fmadd_ps(ar, b1, c21);
+                ar = _mm256_set1_ps(kt[3 * HD + k]);
+                c30 = _mm256_fmadd_ps(ar, b0, c30);
+                c31 = _mm256_fmadd_ps(ar, b1, c31);
+            }
+            _mm256_store_ps(tile[0], c00);
+            _mm256_store_ps(tile[0] + 8, c01);
+            _mm256_store_ps(tile[1], c10);
+            _mm256_store_ps(tile[1] + 8, c11);
+            _mm256_store_ps(tile[2], c20);
+            _mm256_store_ps(tile[2] + 8, c21);
+            _mm256_store_ps(tile[3], c30);
+            _mm256_store_ps(tile[3] + 8, c31);
+            for (int r = 0; r < ir; r++)
+                memcpy(s + (i0 + r) * H + h0, tile[r], (size_t)w * sizeof(float));
+        }
+    }
 }
 
 #define QK_ROW(r)                                                                          \
@@ -489,6 +579,30 @@ DSV4_AVX512 static void normalise_avx512(float *o, int64_t n, float denom, float
     for (; d < nb; d++)
         out[d] = dsv4_round_bf16(o[d]);
 }
+
+DSV4_AVX2 static void merge_avx2(float *acc, const float *o, int64_t n, float alpha, float beta)
+{
+    const __m256 a = _mm256_set1_ps(alpha), b = _mm256_set1_ps(beta);
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(acc + d), a),
+                                                _mm256_mul_ps(_mm256_loadu_ps(o + d), b)));
+    merge_scalar(acc + d, o + d, n - d, alpha, beta);
+}
+
+DSV4_AVX2 static void normalise_avx2(float *o, int64_t n, float denom, float *out, int64_t nb)
+{
+    const __m256 dv = _mm256_set1_ps(denom);
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_div_ps(_mm256_loadu_ps(o + d), dv));
+    for (; d < n; d++)
+        o[d] = o[d] / denom;
+    for (d = 0; d + 8 <= nb; d += 8)
+        _mm256_storeu_ps(out + d, dsv4_round_bf16x8(_mm256_loadu_ps(o + d)));
+    for (; d < nb; d++)
+        out[d] = dsv4_round_bf16(o[d]);
+}
 #endif
 
 /* acc += (float)p * scale, the product rounded, then the sum */
@@ -524,6 +638,25 @@ DSV4_AVX512 static void scale_store_avx512(const float *acc, const float *w, int
         dsv4_store_bf16x16(y + c, _mm512_mul_ps(_mm512_loadu_ps(acc + c), _mm512_loadu_ps(w + c)));
     scale_store_scalar(acc + c, w + c, n - c, y + c);
 }
+
+DSV4_AVX2 static void dequant_add_avx2(float *acc, const int32_t *p, int64_t n, float scale)
+{
+    const __m256 sv = _mm256_set1_ps(scale);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 pf = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(p + c)));
+        _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), _mm256_mul_ps(pf, sv)));
+    }
+    dequant_add_scalar(acc + c, p + c, n - c, scale);
+}
+
+DSV4_AVX2 static void scale_store_avx2(const float *acc, const float *w, int64_t n, bf16_t *y)
+{
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8)
+        dsv4_store_bf16x8(y + c, _mm256_mul_ps(_mm256_loadu_ps(acc + c), _mm256_loadu_ps(w + c)));
+    scale_store_scalar(acc + c, w + c, n - c, y + c);
+}
 #endif
 
 /* O[t] of §2.2-2.4 for one token, then the inverse RoPE of §2.5, into ob (bf16 values). */
@@ -544,6 +677,12 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
         tile_softmax = softmax_avx512;
         qk_prep = qk_prep_avx512;
         qk = qk_avx512;
+    } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        merge = merge_avx2;
+        normalise = normalise_avx2;
+        tile_softmax = softmax_avx2;
+        qk_prep = qk_prep_avx2;
+        qk = qk_avx2;
     }
 #endif
     int64_t ntile = token_tiles(a, t, th);
@@ -639,6 +778,9 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
         if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
             dequant_add = dequant_add_avx512;
             scale_store = scale_store_avx512;
+        } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+            dequant_add = dequant_add_avx2;
+            scale_store = scale_store_avx2;
         }
 #endif
         int32_t *pb = s.pbuf + (size_t)ith * Tp * COLS;

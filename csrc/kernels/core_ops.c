@@ -3,6 +3,7 @@
 #include <omp.h>
 #include <stdio.h>
 
+#include "core/avx2.h"
 #include "core/avx512.h"
 #include "core/gemm.h"
 #include "kernels/kernels.h"
@@ -22,6 +23,14 @@ DSV4_AVX512 static int64_t exp_avx512(const void *x, int64_t n, void *y)
         _mm512_storeu_ps((float *)y + i, dsv4_exp_f32x16(_mm512_loadu_ps((const float *)x + i)));
     return i;
 }
+
+DSV4_AVX2 static int64_t exp_avx2(const void *x, int64_t n, void *y)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps((float *)y + i, dsv4_exp_f32x8(_mm256_loadu_ps((const float *)x + i)));
+    return i;
+}
 #endif
 
 int dsv4_cast(void *p, struct dsv4_err *e)
@@ -31,6 +40,8 @@ int dsv4_cast(void *p, struct dsv4_err *e)
 #if defined(__x86_64__)
     if (a->variant == DSV4_CAST_EXP && dsv4_get_isa() >= DSV4_ISA_AVX512)
         i0 = exp_avx512(a->x, a->N, a->y);
+    else if (a->variant == DSV4_CAST_EXP && dsv4_get_isa() >= DSV4_ISA_AVX2)
+        i0 = exp_avx2(a->x, a->N, a->y);
 #endif
     for (int64_t i = i0; i < a->N; i++) {
         switch (a->variant) {

@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "kernels/kernels.h"
+#include "core/avx2.h"
 #include "core/avx512.h"
 
 #define RMS_K_CHUNK 512
@@ -180,6 +181,21 @@ DSV4_AVX512 static void hc_post_x16(const struct dsv4_hc_post_args *a, int64_t t
         dsv4_store_bf16x16(a->y + (t * HC + o) * D + d0, acc);
     }
 }
+
+/* hc_post_x16 on 8 columns */
+DSV4_AVX2 static void hc_post_x8(const struct dsv4_hc_post_args *a, int64_t t, int64_t d0)
+{
+    const int64_t HC = a->HC, D = a->D;
+    __m256 x = dsv4_load_bf16x8(a->x + t * D + d0), r[MAX_HC];
+    for (int64_t i = 0; i < HC; i++)
+        r[i] = dsv4_load_bf16x8(a->residual + (t * HC + i) * D + d0);
+    for (int64_t o = 0; o < HC; o++) {
+        __m256 acc = _mm256_mul_ps(x, _mm256_set1_ps(a->post[t * HC + o]));
+        for (int64_t i = 0; i < HC; i++)
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(r[i], _mm256_set1_ps(a->comb[t * a->HC2 + i * HC + o])));
+        dsv4_store_bf16x8(a->y + (t * HC + o) * D + d0, acc);
+    }
+}
 #endif
 
 static void hc_post_x1(const struct dsv4_hc_post_args *a, int64_t t, int64_t d)
@@ -200,7 +216,7 @@ int dsv4_hc_post(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_post_args *a = p;
     const int64_t D = a->D, nb = (D + POST_BLOCK - 1) / POST_BLOCK;
-    const int avx = dsv4_get_isa() >= DSV4_ISA_AVX512;
+    const int avx = dsv4_get_isa() >= DSV4_ISA_AVX512, avx2 = dsv4_get_isa() >= DSV4_ISA_AVX2;
     #pragma omp parallel for schedule(static) num_threads(dsv4_num_threads())
     for (int64_t u = 0; u < a->T * nb; u++) {
         int64_t t = u / nb, d = (u % nb) * POST_BLOCK, end = d + POST_BLOCK < D ? d + POST_BLOCK : D;
@@ -208,11 +224,15 @@ int dsv4_hc_post(void *p, struct dsv4_err *e)
         if (avx)
             for (; d + 16 <= end; d += 16)
                 hc_post_x16(a, t, d);
+        if (avx2)
+            for (; d + 8 <= end; d += 8)
+                hc_post_x8(a, t, d);
 #endif
         for (; d < end; d++)
             hc_post_x1(a, t, d);
     }
     (void)avx;
+    (void)avx2;
     return DSV4_OK;
 }
 
