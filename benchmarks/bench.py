@@ -21,7 +21,8 @@ from dsv4.check import fresh
 FULL = {"expert_routed": {"flash, 32 experts": dict(T=8)},
         "decode_layer": {"2 ranks x 32 experts": dict(layer_id=10, n_local_experts=32)},
         "prefill_layer": {"2 ranks x 32 experts": dict(layer_id=2, chunk_lens=(128, 192),
-                                                       n_local_experts=32)}}
+                                                       n_local_experts=32)},
+        "prefill_mtp": {"2 ranks x 32 experts": dict(n_local_experts=32)}}
 
 
 def median_ms(name, fn, kwargs, repeat):

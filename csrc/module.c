@@ -867,6 +867,125 @@ static const struct arg_spec player_args[] = {
     {"swiglu_limit", SC_FLOAT, LAY(moe.swiglu_limit), 1, 0, 0.0}
 static const struct scalar_spec layer_scalars[] = {LAYER_SCALARS, {0}};
 
+#define MTP(f) offsetof(struct dsv4_mtp_projection_args, f)
+static const struct dim_spec mtp_dims[] = {{"T", MTP(T)}, {"HC", MTP(HC)}, {"D", MTP(D)}, {0}};
+static const struct arg_spec mtp_args[] = {
+    {"hidden_states", DSV4_BF16, "T,D", IN, 0, MTP(hidden_states)},
+    {"prev_hidden_states", DSV4_BF16, "T,HC,D", IN, 0, MTP(prev_hidden_states)},
+    {"enorm_w", DSV4_F32, "D", IN, 0, MTP(enorm_w)},
+    {"hnorm_w", DSV4_F32, "D", IN, 0, MTP(hnorm_w)},
+    {"e_proj_w", DSV4_I8, "D,D", IN, 0, MTP(e_proj_w)},
+    {"e_proj_w_scale", DSV4_F32, "D", IN, 0, MTP(e_proj_w_scale)},
+    {"e_proj_smooth", DSV4_F32, "D", IN, 0, MTP(e_proj_smooth)},
+    {"h_proj_w", DSV4_I8, "D,D", IN, 0, MTP(h_proj_w)},
+    {"h_proj_w_scale", DSV4_F32, "D", IN, 0, MTP(h_proj_w_scale)},
+    {"h_proj_smooth", DSV4_F32, "D", IN, 0, MTP(h_proj_smooth)},
+    {"hidden_states_out", DSV4_BF16, "T,HC,D", OUT, 0, MTP(hidden_states_out)},
+    {0}};
+static const struct scalar_spec mtp_scalars[] = {
+    {"rms_norm_eps", SC_FLOAT, MTP(rms_norm_eps), 1, 0, 0.0}, {0}};
+
+#define LMH(f) offsetof(struct dsv4_lm_head_args, f)
+static const struct dim_spec lm_head_dims[] = {
+    {"R", LMH(R)}, {"T", LMH(T)}, {"D", LMH(D)}, {"P", LMH(P)}, {"VS", LMH(VS)}, {"V", LMH(V)},
+    {0}};
+static const struct arg_spec lm_head_args[] = {
+    {"hidden_states", DSV4_BF16, "R,T,D", IN, 0, LMH(hidden_states)},
+    {"lm_head_weight", DSV4_BF16, "P,VS,D", IN, 0, LMH(lm_head_weight)},
+    {"logits", DSV4_F32, "R,T,V", OUT, 0, LMH(logits)},
+    {0}};
+
+#define PMT(f) offsetof(struct dsv4_prefill_mtp_args, f)
+static const struct dim_spec prefill_mtp_dims[] = {
+    {"R", PMT(R)}, {"T", PMT(blk.T)}, {"HC", PMT(blk.HC)}, {"D", PMT(blk.D)},
+    {"MIX", PMT(blk.MIX)}, {"HCD", PMT(blk.HCD)}, {"Q", PMT(blk.Q)}, {"HHD", PMT(blk.HHD)},
+    {"HD", PMT(blk.HD)}, {"H", PMT(blk.H)}, {"MAXS", PMT(blk.MAXS)}, {"RW", PMT(blk.RW)},
+    {"OB", PMT(blk.OB)}, {"BLOCK", PMT(blk.BLOCK)}, {"OM", PMT(blk.OM)}, {"K", PMT(blk.K)},
+    {"G", PMT(blk.G)}, {"OL", PMT(blk.OL)}, {"OGI", PMT(blk.OGI)}, {"GOL", PMT(blk.GOL)},
+    {"E", PMT(moe.E)}, {"V", PMT(moe.V)}, {"TOPK", PMT(moe.K)}, {"EL", PMT(moe.EL)},
+    {"I", PMT(moe.IE)}, {0}};
+static const struct arg_spec prefill_mtp_args[] = {
+    {"hidden_states", DSV4_BF16, "R,T,D", IN, 0, PMT(proj.hidden_states)},
+    {"prev_hidden_states", DSV4_BF16, "R,T,HC,D", IN, 0, PMT(proj.prev_hidden_states)},
+    {"enorm_w", DSV4_F32, "R,D", IN, 0, PMT(proj.enorm_w)},
+    {"hnorm_w", DSV4_F32, "R,D", IN, 0, PMT(proj.hnorm_w)},
+    {"e_proj_w", DSV4_I8, "R,D,D", IN, 0, PMT(proj.e_proj_w)},
+    {"e_proj_w_scale", DSV4_F32, "R,D", IN, 0, PMT(proj.e_proj_w_scale)},
+    {"e_proj_smooth", DSV4_F32, "R,D", IN, 0, PMT(proj.e_proj_smooth)},
+    {"h_proj_w", DSV4_I8, "R,D,D", IN, 0, PMT(proj.h_proj_w)},
+    {"h_proj_w_scale", DSV4_F32, "R,D", IN, 0, PMT(proj.h_proj_w_scale)},
+    {"h_proj_smooth", DSV4_F32, "R,D", IN, 0, PMT(proj.h_proj_smooth)},
+    {"hc_attn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, PMT(blk.hc_attn_fn)},
+    {"hc_attn_scale", DSV4_F32, "R,3", IN, 0, PMT(blk.hc_attn_scale)},
+    {"hc_attn_base", DSV4_F32, "R,MIX", IN, 0, PMT(blk.hc_attn_base)},
+    {"attn_norm_w", DSV4_BF16, "R,D", IN, 0, PMT(blk.attn_norm_w)},
+    {"wq_a", DSV4_BF16, "R,D,Q", IN, 0, PMT(blk.wq_a)},
+    {"wq_b", DSV4_I8, "R,Q,HHD", IN, 0, PMT(blk.wq_b)},
+    {"wq_b_scale", DSV4_F32, "R,HHD", IN, 0, PMT(blk.wq_b_scale)},
+    {"wkv", DSV4_BF16, "R,D,HD", IN, 0, PMT(blk.wkv)},
+    {"gamma_cq", DSV4_BF16, "R,Q", IN, 0, PMT(blk.gamma_cq)},
+    {"gamma_ckv", DSV4_BF16, "R,HD", IN, 0, PMT(blk.gamma_ckv)},
+    {"freqs_cos", DSV4_BF16, "R,MAXS,RW", IN, 0, PMT(blk.freqs_cos)},
+    {"freqs_sin", DSV4_BF16, "R,MAXS,RW", IN, 0, PMT(blk.freqs_sin)},
+    {"kv_cache", DSV4_BF16, "R,OB,BLOCK,1,HD", INOUT, 0, PMT(blk.kv_cache)},
+    {"ori_block_table", DSV4_I32, "R,OM", IN, 0, PMT(blk.ori_block_table)},
+    {"ori_slot_mapping", DSV4_I64, "R,T", IN, 0, PMT(blk.ori_slot_mapping)},
+    {"cmp_sparse_indices", DSV4_I32, "R,T,K", IN, 0, PMT(blk.cmp_sparse_indices)},
+    {"cmp_sparse_lens", DSV4_I32, "R,T", IN, 0, PMT(blk.cmp_sparse_lens)},
+    {"position_ids", DSV4_I32, "R,T", IN, 0, PMT(blk.position_ids)},
+    {"attn_sink", DSV4_F32, "R,H", IN, 0, PMT(blk.attn_sink)},
+    {"wo_a", DSV4_BF16, "R,G,OL,OGI", IN, 0, PMT(blk.wo_a)},
+    {"wo_b", DSV4_I8, "R,D,GOL", IN, 0, PMT(blk.wo_b)},
+    {"wo_b_scale", DSV4_F32, "R,D", IN, 0, PMT(blk.wo_b_scale)},
+    {"hc_ffn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, PMT(moe.hc_ffn_fn)},
+    {"hc_ffn_scale", DSV4_F32, "R,3", IN, 0, PMT(moe.hc_ffn_scale)},
+    {"hc_ffn_base", DSV4_F32, "R,MIX", IN, 0, PMT(moe.hc_ffn_base)},
+    {"norm_w", DSV4_BF16, "R,D", IN, 0, PMT(moe.norm_w)},
+    {"gate_w", DSV4_F32, "R,E,D", IN, 0, PMT(moe.gate_w)},
+    {"gate_bias", DSV4_F32, "R,E", IN, 0, PMT(moe.gate_bias)},
+    {"tid2eid", DSV4_I32, "R,V,TOPK", IN, 0, PMT(moe.tid2eid)},
+    {"input_ids", DSV4_I64, "R,T", IN, 0, PMT(moe.input_ids)},
+    {"routed_w1", DSV4_I8, "R,EL,I,D", IN, 0, PMT(moe.routed_w1)},
+    {"routed_w1_scale", DSV4_F32, "R,EL,I", IN, 0, PMT(moe.routed_w1_scale)},
+    {"routed_w3", DSV4_I8, "R,EL,I,D", IN, 0, PMT(moe.routed_w3)},
+    {"routed_w3_scale", DSV4_F32, "R,EL,I", IN, 0, PMT(moe.routed_w3_scale)},
+    {"routed_w2", DSV4_I8, "R,EL,D,I", IN, 0, PMT(moe.routed_w2)},
+    {"routed_w2_scale", DSV4_F32, "R,EL,D", IN, 0, PMT(moe.routed_w2_scale)},
+    {"shared_w1", DSV4_I8, "R,I,D", IN, 0, PMT(moe.shared_w1)},
+    {"shared_w1_scale", DSV4_F32, "R,I", IN, 0, PMT(moe.shared_w1_scale)},
+    {"shared_w3", DSV4_I8, "R,I,D", IN, 0, PMT(moe.shared_w3)},
+    {"shared_w3_scale", DSV4_F32, "R,I", IN, 0, PMT(moe.shared_w3_scale)},
+    {"shared_w2", DSV4_I8, "R,D,I", IN, 0, PMT(moe.shared_w2)},
+    {"shared_w2_scale", DSV4_F32, "R,D", IN, 0, PMT(moe.shared_w2_scale)},
+    {"mtp_hc_head_fn", DSV4_F32, "R,HC,HCD", IN, 0, PMT(head.hc_head_fn)},
+    {"mtp_hc_head_scale", DSV4_F32, "R,1", IN, 0, PMT(head.hc_head_scale)},
+    {"mtp_hc_head_base", DSV4_F32, "R,HC", IN, 0, PMT(head.hc_head_base)},
+    {"mtp_norm_w", DSV4_BF16, "R,D", IN, 0, PMT(mtp_norm_w)},
+    {"hidden_out", DSV4_BF16, "R,T,D", OUT, 0, PMT(hidden_out)},
+    {"pre_hc_hidden_out", DSV4_BF16, "R,T,HC,D", OUT, 0, PMT(moe.x_next)},
+    {"projected", DSV4_BF16, "R,T,HC,D", STAGE, 0, PMT(projected)},
+    {"x_attn", DSV4_BF16, "R,T,HC,D", STAGE, 0, PMT(x_attn)},
+    {"x_head", DSV4_BF16, "R,T,D", STAGE, 0, PMT(x_head)},
+    {0}};
+static const struct scalar_spec prefill_mtp_scalars[] = {
+    {"num_tokens", SC_INT, PMT(num_tokens), 0, ALL_ROWS, 0.0},
+    {"num_hidden_layers", SC_INT, PMT(num_hidden_layers), 1, 0, 0.0},
+    {"sliding_window", SC_INT, PMT(blk.sliding_window), 1, 0, 0.0},
+    {"qk_rope_head_dim", SC_INT, PMT(blk.qk_rope_head_dim), 1, 0, 0.0},
+    {"index_topk", SC_INT, PMT(blk.index_topk), 1, 0, 0.0},
+    {"index_n_heads", SC_INT, PMT(blk.index_n_heads), 1, 0, 0.0},
+    {"index_head_dim", SC_INT, PMT(blk.index_head_dim), 1, 0, 0.0},
+    {"max_position_embeddings", SC_INT, PMT(blk.max_position_embeddings), 1, 0, 0.0},
+    {"hc_sinkhorn_iters", SC_INT, PMT(blk.hc_sinkhorn_iters), 1, 0, 0.0},
+    {"rms_norm_eps", SC_FLOAT, PMT(blk.rms_norm_eps), 1, 0, 0.0},
+    {"hc_eps", SC_FLOAT, PMT(blk.hc_eps), 1, 0, 0.0},
+    {"index_weights_scale", SC_FLOAT, PMT(blk.index_weights_scale), 1, 0, 0.0},
+    {"num_hash_layers", SC_INT, PMT(moe.num_hash_layers), 1, 0, 0.0},
+    {"num_experts_per_tok", SC_INT, PMT(moe.num_experts_per_tok), 1, 0, 0.0},
+    {"routed_scaling_factor", SC_FLOAT, PMT(moe.routed_scaling_factor), 1, 0, 0.0},
+    {"swiglu_limit", SC_FLOAT, PMT(moe.swiglu_limit), 1, 0, 0.0},
+    {0}};
+
 #define CAST(f) offsetof(struct dsv4_cast_args, f)
 static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
 static const struct arg_spec f32_bf16_args[] = {
@@ -1092,6 +1211,25 @@ static const struct kernel_spec kernels[] = {
         "request's own slice of every cache and state, then the MoE on the tile. Padding rows "
         "of x_next are zero.",
         0, 1, dsv4_layer_args, player_args, layer_scalars, layer_dims, dsv4_layer),
+    ROW("mtp_projection",
+        "MTP input projection (pypto-lib mtp_projection): e_proj(enorm(hidden_states)) + "
+        "h_proj(hnorm(prev_hidden_states)) for every HC lane, both W8A8 (per-row int8 "
+        "activations, int8 weights with per-output-row scales), summed in fp32 and rounded to "
+        "bf16.",
+        0, 0, dsv4_mtp_projection_args, mtp_args, mtp_scalars, mtp_dims, dsv4_mtp_projection),
+    ROW("lm_head",
+        "LM head (pypto-lib lm_head): every owner rank's hidden rows times every tensor-parallel "
+        "vocabulary shard, fp32 sums; logits[o] = the shards' logits concatenated in rank "
+        "order (V = P * VS).",
+        0, 0, dsv4_lm_head_args, lm_head_args, no_scalars, lm_head_dims, dsv4_lm_head),
+    ROW("prefill_mtp",
+        "MTP block on one prefill tile of R expert-parallel ranks (pypto-lib prefill_mtp): per "
+        "rank mtp_projection, then the sliding-window prefill attention block (kv_cache in "
+        "place; the first num_tokens rows active); the MoE across the ranks at the MTP layer "
+        "(layer_id = num_hidden_layers) -> pre_hc_hidden_out; per rank hc_head with the "
+        "mtp_hc_head_* weights and rms_norm with mtp_norm_w -> hidden_out.",
+        0, 0, dsv4_prefill_mtp_args, prefill_mtp_args, prefill_mtp_scalars, prefill_mtp_dims,
+        dsv4_prefill_mtp),
     ROW("cast_bf16", "fp32 -> bf16, round to nearest, ties to even.",
         1, DSV4_CAST_BF16, dsv4_cast_args, f32_bf16_args, no_scalars, cast_dims, dsv4_cast),
     ROW("cast_bf16_haz", "fp32 -> bf16, round to nearest, ties away from zero.",

@@ -37,6 +37,8 @@ CASES = {
     "prefill_attention_hca": dict(T=16), "prefill_attention_csa": dict(T=16),
     "decode_layer": dict(start_pos=1000, layer_id=2, n_local_experts=4),
     "prefill_layer": dict(layer_id=2, chunk_lens=(5,), n_local_experts=4),
+    "mtp_projection": dict(T=3), "lm_head": dict(T=3),
+    "prefill_mtp": dict(num_tokens=5, n_local_experts=4),
 }
 GOLDENS = [k for k in dsv4.golden.__all__ if k != "numerics"]
 

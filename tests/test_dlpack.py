@@ -16,6 +16,7 @@ SMALL_CFG = dataclasses.replace(
     dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
     qk_rope_head_dim=32, o_groups=2, o_lora_rank=64)
 LAYERS = {"decode_layer": dict(layer_id=0, n_local_experts=4),
+          "prefill_mtp": dict(num_tokens=5, n_local_experts=4),
           "prefill_layer": dict(layer_id=0, chunk_lens=(5,), n_local_experts=4)}
 
 

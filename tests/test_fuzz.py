@@ -57,6 +57,8 @@ PARAMS = {
     "prefill_attention_csa": dict(T=5, start_pos=0),
     "decode_layer": dict(layer_id=2, n_local_experts=4, start_pos=100),
     "prefill_layer": dict(layer_id=2, chunk_lens=(5,), n_local_experts=4),
+    "mtp_projection": dict(T=3), "lm_head": dict(T=3),
+    "prefill_mtp": dict(num_tokens=5, n_local_experts=4),
 }
 KERNELS = sorted(dsv4.KERNELS)
 

@@ -29,7 +29,11 @@ def c_vs_golden(kernel, inputs, **kw):
 # the layers' deployment cases (FLASH, 2 ranks, a minute of NumPy golden each) run in the
 # main job, `python -m dsv4 check`; here the layers run C against golden on small models
 # (test_small_config, the path and thread checks, tests/test_layers.py)
-DEPLOYMENT = [(k, case) for k in KERNELS for case in dsv4.specs.CASES[k] if "layer" not in k]
+# lm_head's deployment cases hold the FLASH vocabulary (1 GB of bf16 weights) and prefill_mtp's
+# a layer's weights: `python -m dsv4 check` runs them; tests/test_mtp.py runs lm_head at T = 8
+# and 128 on a smaller vocabulary and prefill_mtp on a small model
+DEPLOYMENT = [(k, case) for k in KERNELS for case in dsv4.specs.CASES[k]
+              if "layer" not in k and k not in ("lm_head", "prefill_mtp")]
 
 
 @pytest.mark.parametrize("kernel,case", DEPLOYMENT, ids=[f"{k}-{c}" for k, c in DEPLOYMENT])
@@ -49,6 +53,8 @@ ODD = [
     ("hc_pre", dict(T=1)), ("hc_pre", dict(T=37)),
     ("hc_post", dict(T=1)), ("hc_post", dict(T=37)),
     ("hc_head", dict(T=1)), ("hc_head", dict(T=3)), ("hc_head", dict(T=37)),
+    ("mtp_projection", dict(T=1)), ("mtp_projection", dict(T=37)),
+    ("lm_head", dict(T=1, tp=1, vocab_size=1000)), ("lm_head", dict(T=37, tp=4, vocab_size=1000)),
 ]
 
 
@@ -93,7 +99,9 @@ def test_small_config(kernel):
 
 # the layers' smallest cases: a sliding-window, hash-routed layer; one short request
 SMALL_CASES = {"decode_layer": dict(layer_id=0, n_local_experts=4),
-               "prefill_layer": dict(layer_id=0, chunk_lens=(5,), n_local_experts=4)}
+               "prefill_layer": dict(layer_id=0, chunk_lens=(5,), n_local_experts=4),
+               "lm_head": dict(T=8, vocab_size=2 * 500),
+               "prefill_mtp": dict(num_tokens=5, n_local_experts=4)}
 
 
 def small_inputs(kernel, seed=7):
@@ -114,7 +122,8 @@ SMALL_LAYER = dataclasses.replace(
     qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
     n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
 SMALL_LAYER_CASES = {"decode_layer": dict(start_pos=1000, layer_id=2, n_local_experts=4),
-                     "prefill_layer": dict(layer_id=2, chunk_lens=(130, 7), n_local_experts=4)}
+                     "prefill_layer": dict(layer_id=2, chunk_lens=(130, 7), n_local_experts=4),
+                     "prefill_mtp": dict(start_pos=300, num_tokens=77, n_local_experts=4)}
 
 
 def path_inputs(kernel, seed):
@@ -122,7 +131,8 @@ def path_inputs(kernel, seed):
     if kernel in SMALL_LAYER_CASES:
         cfg = {"config": SMALL_LAYER}
         return getattr(dsv4.specs, kernel)(**SMALL_LAYER_CASES[kernel], seed=seed, **cfg), cfg
-    return getattr(dsv4.specs, kernel)(**next(iter(dsv4.specs.CASES[kernel].values())), seed=seed), {}
+    params = SMALL_CASES.get(kernel) or next(iter(dsv4.specs.CASES[kernel].values()))
+    return getattr(dsv4.specs, kernel)(**params, seed=seed), {}
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -20,7 +20,8 @@ SMALL_CFG = dataclasses.replace(dsv4.FLASH, **SMALL)
 # the layers' smallest cases of SMALL_LAYER_CASES' kinds: one CSA decode step, one short
 # CSA request crossing a compression boundary
 LAYER_CASES = {"decode_layer": dict(SMALL_LAYER_CASES["decode_layer"], start_pos=7),
-               "prefill_layer": dict(layer_id=2, chunk_lens=(9,), n_local_experts=4)}
+               "prefill_layer": dict(layer_id=2, chunk_lens=(9,), n_local_experts=4),
+               "prefill_mtp": dict(num_tokens=9, n_local_experts=4)}
 
 
 def inputs_of(kernel):
@@ -47,7 +48,9 @@ def float_inputs(kernel):
 # the layers run the blocks and the MoE, whose every input is planted above: here the
 # hidden state, one input of each stage kind and the caches the two attention calls share
 LAYER_INPUTS = ("x_hc", "wq_a", "kv_cache", "cmp_kv", "csa_compress_state", "csa_cmp_kv_state",
-                "gate_w", "routed_w2_scale", "shared_w1_scale", "norm_w", "hc_ffn_fn")
+                "gate_w", "routed_w2_scale", "shared_w1_scale", "norm_w", "hc_ffn_fn",
+                "hidden_states", "prev_hidden_states", "e_proj_w_scale", "mtp_hc_head_fn",
+                "mtp_norm_w")
 # the blocks: what their own glue reads (the hidden state, the RoPE rows it gathers, the
 # caches and states it addresses, the sink) and one weight of each leaf
 BLOCK_INPUTS = ("x_hc", "hc_attn_fn", "wq_a", "wkv", "freqs_cos", "freqs_sin", "kv_cache", "cmp_kv",
@@ -133,7 +136,7 @@ def need(name):
 
 # the first two float inputs of each leaf (activations or states, then a weight): the
 # paths share every other input's code with these
-LEAVES = [(k, n) for k, n in CASES if "layer" not in k and "attention_" not in k
+LEAVES = [(k, n) for k, n in CASES if k not in LAYER_CASES and "attention_" not in k
           and n in float_inputs(k)[:2]]
 
 

@@ -128,6 +128,11 @@ struct dsv4_xwt_group {
 };
 void dsv4_xwt_groups(const struct dsv4_xwt_group *g, int64_t G, int64_t ldx, int64_t T,
                      int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth);
+/* The panel path of dsv4_xwt_groups for any T (work: dsv4_xwt_panel_work bytes): every
+ * output is fmaf over k = 0..K-1 in order, so a row's sums do not depend on T. */
+size_t dsv4_xwt_panel_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth);
+void dsv4_xwt_panel_groups(const struct dsv4_xwt_group *g, int64_t G, int64_t ldx, int64_t T,
+                           int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth);
 
 /* A is int8 [M, K] prepared by dsv4_gemm_i8_prep_a (rows padded, k padded to 4). */
 int64_t dsv4_gemm_i8_lda(int64_t K);

@@ -848,7 +848,12 @@ static size_t xwt_thread_bytes(int64_t T, int64_t N, int64_t G, int nth)
 
 size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth)
 {
-    return T < DSV4_XWT_PANEL_MIN ? 0 : (size_t)nth * xwt_thread_bytes(T, N, G, nth);
+    return T < DSV4_XWT_PANEL_MIN ? 0 : dsv4_xwt_panel_work(T, N, K, G, nth);
+}
+
+size_t dsv4_xwt_panel_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth)
+{
+    return (size_t)nth * xwt_thread_bytes(T, N, G, nth);
 }
 
 /* ct[8][32] += A[8][lda] . B[kb][32], sequential k (A: 8 token rows, B: a panel) */
@@ -998,6 +1003,12 @@ void dsv4_xwt_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, i
         }
         return;
     }
+    dsv4_xwt_panel_groups(grp, G, ldx, T, ldw, N, K, ldo, work, nth);
+}
+
+void dsv4_xwt_panel_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, int64_t T,
+                           int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth)
+{
     void (*micro)(const float *, int64_t, const float *, int64_t, float *) = xwt_micro_scalar;
     void (*panel)(const bf16_t *, int64_t, int64_t, int64_t, float *) = xwt_panel_scalar;
 #if defined(__x86_64__)

@@ -415,6 +415,9 @@ struct dsv4_attention_block_args {
 };
 int dsv4_attention_block_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_attention_block(void *a, struct dsv4_err *e);
+/* Point a block's stage tensors (which it always writes) into p, or with p = NULL only
+ * measure them; returns the bytes they take. */
+size_t dsv4_attention_block_stages(struct dsv4_attention_block_args *b, void *p);
 
 /* ---- layers (spec 06 §5, §6): the attention block of the layer's kind on every rank,
  * then the MoE across the R ranks. compress_ratio (0, 4, 128) is the layer's entry of
@@ -448,6 +451,63 @@ struct dsv4_layer_args {
 };
 int dsv4_layer_prepare(void *a, struct dsv4_err *e, size_t *scratch);
 int dsv4_layer(void *a, struct dsv4_err *e);
+
+/* ---- MTP projection and LM head (spec 06 §8.1, §9) ----------------------------------
+ * mtp_projection: each row (hidden token; prev token and lane) is normalised,
+ *   v = ((x * rsqrt(sum over 128-chunks, in order, of x^2 * (1/D) + eps)) * norm_w) * smooth,
+ *   quantised per row to int8 (codes clamped: a NaN code is -127) and projected exactly,
+ *   hidden_states_out[t, h, n] = bf16((E[t, n] dq_e[t]) e_scale[n] + (H[t, h, n] dq_h[t, h]) h_scale[n])
+ * lm_head: logits[o, t, p*VS + v] = sum_k hidden[o, t, k] * weight[p, v, k] in fp32, each
+ *   summed over k in order whatever T (so a token's logits do not depend on the batch). */
+struct dsv4_mtp_projection_args {
+    const bf16_t *hidden_states;      /* [T, D] */
+    const bf16_t *prev_hidden_states; /* [T, HC, D] */
+    const float *enorm_w, *hnorm_w;   /* [D] */
+    const int8_t *e_proj_w;           /* [D, D] rows = outputs */
+    const float *e_proj_w_scale;      /* [D] */
+    const float *e_proj_smooth;       /* [D] */
+    const int8_t *h_proj_w;
+    const float *h_proj_w_scale;
+    const float *h_proj_smooth;
+    bf16_t *hidden_states_out;        /* [T, HC, D] */
+    int64_t T, HC, D;
+    float rms_norm_eps;
+    int variant;
+    void *scratch;
+};
+int dsv4_mtp_projection_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_mtp_projection(void *a, struct dsv4_err *e);
+
+struct dsv4_lm_head_args {
+    const bf16_t *hidden_states;      /* [R, T, D] */
+    const bf16_t *lm_head_weight;     /* [P, VS, D] */
+    float *logits;                    /* [R, T, V], V = P * VS */
+    int64_t R, T, D, P, VS, V;
+    int variant;
+    void *scratch;
+};
+int dsv4_lm_head_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_lm_head(void *a, struct dsv4_err *e);
+
+/* ---- prefill_mtp (spec 06 §8.2): on each of R ranks mtp_projection -> the prefill SWA
+ * attention block (kv_cache[r] in place); the MoE across the ranks at layer_id =
+ * num_hidden_layers; on each rank hc_head (mtp_hc_head_*) -> rms_norm (mtp_norm_w).
+ * proj, blk and head hold rank 0's view of their tensors (the binding fills them). */
+struct dsv4_prefill_mtp_args {
+    struct dsv4_mtp_projection_args proj;
+    struct dsv4_attention_block_args blk;
+    struct dsv4_moe_args moe;              /* x_next: pre_hc_hidden_out [R, T, HC, D] */
+    struct dsv4_hc_head_args head;         /* mtp_hc_head_fn [R, HC, HCD], _scale [R, 1], _base [R, HC] */
+    const bf16_t *mtp_norm_w;              /* [R, D] */
+    bf16_t *hidden_out;                    /* [R, T, D] */
+    bf16_t *projected, *x_attn, *x_head;   /* stages: [R, T, HC, D], [R, T, HC, D], [R, T, D] */
+    int64_t R, num_tokens, num_hidden_layers;
+    size_t stage_size, work_size, undo_size;   /* set by prepare() */
+    int variant;
+    void *scratch;
+};
+int dsv4_prefill_mtp_prepare(void *a, struct dsv4_err *e, size_t *scratch);
+int dsv4_prefill_mtp(void *a, struct dsv4_err *e);
 
 /* ---- numerics core, exposed for testing ------------------------------------ */
 enum { DSV4_CAST_BF16, DSV4_CAST_BF16_HAZ, DSV4_CAST_FP8, DSV4_CAST_FP8_F32, DSV4_CAST_EXP };

@@ -183,8 +183,7 @@ static size_t stage_bytes(const struct dsv4_attention_block_args *b)
            (size_t)b->B * (b->HD + b->ISL) * sizeof(float) + 64 * 16;
 }
 
-/* point the block's stage tensors into p; returns the bytes they take */
-static size_t stage_buffers(struct dsv4_attention_block_args *b, void *p)
+size_t dsv4_attention_block_stages(struct dsv4_attention_block_args *b, void *p)
 {
     const int64_t T = b->T, D = b->D;
     struct dsv4_arena ar = {p, 0};
@@ -209,7 +208,7 @@ static size_t stage_buffers(struct dsv4_attention_block_args *b, void *p)
 static int place_stages(const struct dsv4_layer_args *L, struct dsv4_attention_block_args *b,
                         void *p, struct dsv4_err *e)
 {
-    if (stage_buffers(b, p) > L->stage_size) {
+    if (dsv4_attention_block_stages(b, p) > L->stage_size) {
         snprintf(e->msg, sizeof e->msg, "internal: a block's stages outgrow the layer's buffer");
         return DSV4_EVALUE;
     }

@@ -20,6 +20,7 @@ from .indexer import (
     decode_indexer, decode_indexer_compressor, prefill_indexer, prefill_indexer_compressor,
 )
 from .moe import expert_routed, expert_shared, gate, moe
+from .mtp import lm_head, mtp_projection, prefill_mtp
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
 __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
@@ -34,7 +35,7 @@ __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "pre
            "prefill_attention_csa"]
 from .layers import decode_layer, prefill_layer
 
-__all__ += ["decode_layer", "prefill_layer"]
+__all__ += ["decode_layer", "prefill_layer", "mtp_projection", "lm_head", "prefill_mtp"]
 
 # torch tensors in, torch tensors out, as for the C kernels
 from .._kernels import dlpack_io  # noqa: E402

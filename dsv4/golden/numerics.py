@@ -67,17 +67,21 @@ def rms_norm(v, weight, eps):
     return (v * rms_inv(v, eps)) * f32(weight)
 
 
-def int8_quant_per_row(v):
+def int8_quant_per_row(v, clamp=False):
     """Per-row int8 quantisation over the last axis (§0.4).
 
     Returns (q int8, scale fp32 with a trailing axis of 1). The scale factor is
     computed as torch computes `127 / amax`: reciprocal, then multiply. The
-    stored dequant scale is 1/sq, not amax/127.
+    stored dequant scale is 1/sq, not amax/127. clamp=True clamps the int32
+    codes to +-127 first, as the goldens that clamp do: a NaN code (int32's
+    minimum) then becomes -127 instead of 0.
     """
     v = f32(v)
     amax = np.maximum(np.max(np.abs(v), axis=-1, keepdims=True), INT8_AMAX_EPS)
     sq = (F32(1.0) / amax) * INT8_SCALE_MAX
-    i32 = np.rint(v * sq).astype(np.int32)          # half to even
+    i32 = np.rint(v * sq).astype(np.int32)          # half to even; NaN -> int32's minimum
+    if clamp:
+        i32 = np.clip(i32, -127, 127)
     # int32 -> fp16 -> int8: the identity here, since |i32| <= 127 (§0.4)
     assert np.all(np.abs(i32) <= 127)
     q = i32.astype(np.float16).astype(np.int8)

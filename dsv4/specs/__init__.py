@@ -10,6 +10,7 @@ from . import compressor as _compressor
 from . import indexer as _indexer
 from . import layers as _layers
 from . import moe as _moe
+from . import mtp as _mtp
 from .attention import (
     decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
 )
@@ -26,6 +27,7 @@ from .indexer import (
     decode_indexer, decode_indexer_compressor, prefill_indexer, prefill_indexer_compressor,
 )
 from .moe import expert_routed, expert_shared, gate, moe
+from .mtp import lm_head, mtp_projection, prefill_mtp
 from .layers import decode_layer, prefill_layer
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
@@ -33,9 +35,11 @@ COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS,
                **attention.COMPARATORS, **_indexer.COMPARATORS, **_compressor.COMPARATORS,
                **_blocks.COMPARATORS}
 COMPARATORS.update(_layers.COMPARATORS)
+COMPARATORS.update(_mtp.COMPARATORS)
 CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES, **attention.CASES, **_indexer.CASES,
          **_compressor.CASES, **_blocks.CASES}
 CASES.update(_layers.CASES)
+CASES.update(_mtp.CASES)
 
 __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
            "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
@@ -46,4 +50,4 @@ __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_pro
            "prefill_compressor_ratio128", "decode_attention_swa", "decode_attention_hca",
            "decode_attention_csa", "prefill_attention_swa", "prefill_attention_hca",
            "prefill_attention_csa", "COMPARATORS", "CASES"]
-__all__ += ["decode_layer", "prefill_layer"]
+__all__ += ["decode_layer", "prefill_layer", "mtp_projection", "lm_head", "prefill_mtp"]
