@@ -569,6 +569,23 @@ def test_isa_matmul_bf16_identical(simd):
         np.testing.assert_array_equal(s.view(np.uint32), v.view(np.uint32))
 
 
+def test_isa_matmul_bf16_identical_when_products_underflow(simd):
+    # products below 2^-126 are not exact in fp32: the portable path must take the fused
+    # steps there as the vector path does, and the result must show it
+    rng = np.random.default_rng(15)
+    for M, K, N in [(8, 300, 40), (3, 17, 65)]:
+        a = (rand_bf16(rng, (M, K), 6).astype(np.float32) * np.float32(2.0**-64)).astype(BF16)
+        b = (rand_bf16(rng, (K, N), 6).astype(np.float32) * np.float32(2.0**-64)).astype(BF16)
+        s, v = under_both(lambda: _C.matmul_bf16(a=a, b=b)["c"], simd)
+        np.testing.assert_array_equal(s.view(np.uint32), v.view(np.uint32))
+        A, B = a.astype(np.float32), b.astype(np.float32)
+        unfused = np.zeros((M, N), np.float32)
+        with np.errstate(under="ignore"):
+            for k in range(K):
+                unfused = unfused + A[:, k:k + 1] * B[k:k + 1, :]
+        assert (s != unfused).any()          # the case does tell the two forms apart
+
+
 def test_isa_quant_int8_identical(simd):
     rng = np.random.default_rng(13)
     x = (rng.standard_normal((50, 333)) * np.exp2(rng.integers(-10, 10, (50, 1)))).astype(np.float32)

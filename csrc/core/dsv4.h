@@ -65,6 +65,39 @@ extern const double dsv4_exp_poly[12];     /* 1/11!, 1/10!, ..., 1/1!, 1 */
 uint8_t dsv4_f32_to_fp8(float f);     /* e4m3fn, RNE, out of range -> NaN */
 float dsv4_fp8_to_f32(uint8_t c);
 
+/* ---- fused steps on the portable path ------------------------------------
+ * fmaf(a, b, c) rounds c + a*b once. For bf16 values a and b (8 significant bits each) the
+ * product has at most 16 and is an exact fp32 value unless it underflows or overflows, so
+ * c + a*b with the product rounded on its own gives the same bits, and vectorises without
+ * FMA. The portable loops take that form first and check it afterwards: an inexact product
+ * raises FE_UNDERFLOW or FE_OVERFLOW, while an fp32 add never raises FE_UNDERFLOW (a sum that
+ * small is exact) and raises FE_OVERFLOW only where the fused sum overflows too. Raised,
+ * the pass is redone with fmaf. Where fmaf is an instruction (__FP_FAST_FMAF: aarch64, x86
+ * with -mfma) the loops use it directly. */
+#include <fenv.h>
+
+/* OR of the 16 low bits of v[r * ld + k], r < rows, k < n: 0 iff every value is a bf16 value */
+uint32_t dsv4_low16(const float *v, int64_t rows, int64_t n, int64_t ld);
+
+/* 1: try the unfused form (operands whose low16 is 0 on both sides); the flags it is checked
+ * by are cleared here. Results must be in memory before dsv4_unfused_exact() reads the flags. */
+static inline int dsv4_unfused_try(uint32_t low16)
+{
+#if defined(__FP_FAST_FMAF)
+    (void)low16;
+    return 0;
+#else
+    if (low16)
+        return 0;
+    if (fetestexcept(FE_UNDERFLOW | FE_OVERFLOW))
+        feclearexcept(FE_UNDERFLOW | FE_OVERFLOW);
+    return 1;
+#endif
+}
+
+/* after an unfused pass: 1 if no product was inexact, i.e. its results are the fused ones */
+static inline int dsv4_unfused_exact(void) { return !fetestexcept(FE_UNDERFLOW | FE_OVERFLOW); }
+
 /* ---- row primitives (canonical order) ------------------------------------ */
 
 float dsv4_sum_sq(const float *v, int64_t n);

@@ -77,21 +77,44 @@ static void store_tile(const float *acc, int64_t mr, int64_t nc, float *C, int64
         memcpy(C + r * ldc, acc + r * NR, (size_t)nc * sizeof(float));
 }
 
-static void gemm_bf16_scalar(const float *A, int64_t M, int64_t K, const float *P,
-                             float *C, int64_t ldc, int64_t nc)
+/* One row of a tile: c[j] = sum over k in order of a[k] * P[k][j], j < NR, the columns in the
+ * lanes. fused = 0 rounds each product on its own: the same bits when the products are exact
+ * (dsv4_unfused_try), and SSE2 vectorises it. */
+static inline __attribute__((always_inline)) void gemm_bf16_row(const float *a, int64_t K,
+                                                              const float *P, float *c,
+                                                              const int fused)
+{
+    float acc[NR] = {0};
+    for (int64_t k = 0; k < K; k++) {
+        const float ak = a[k], *p = P + k * NR;
+        for (int j = 0; j < NR; j++)
+            acc[j] = fused ? fmaf(ak, p[j], acc[j]) : acc[j] + ak * p[j];
+    }
+    memcpy(c, acc, sizeof acc);
+}
+
+static inline __attribute__((always_inline)) void gemm_bf16_tiles(
+    const float *A, int64_t M, int64_t K, const float *P, float *C, int64_t ldc, int64_t nc,
+    const int fused)
 {
     float acc[DSV4_GEMM_MR * NR];
     for (int64_t m = 0; m < M; m += DSV4_GEMM_MR) {
         for (int r = 0; r < DSV4_GEMM_MR; r++)
-            for (int j = 0; j < NR; j++) {
-                float c = 0.0f;
-                const float *a = A + (m + r) * K;
-                for (int64_t k = 0; k < K; k++)
-                    c = fmaf(a[k], P[k * NR + j], c);
-                acc[r * NR + j] = c;
-            }
+            gemm_bf16_row(A + (m + r) * K, K, P, acc + r * NR, fused);
         store_tile(acc, DSV4_GEMM_MR, nc, C + m * ldc, ldc);
     }
+}
+
+/* P holds bf16 values (pack_bf16); lowa is dsv4_low16 of A */
+static void gemm_bf16_scalar(const float *A, int64_t M, int64_t K, const float *P,
+                             float *C, int64_t ldc, int64_t nc, uint32_t lowa)
+{
+    if (dsv4_unfused_try(lowa)) {
+        gemm_bf16_tiles(A, M, K, P, C, ldc, nc, 0);
+        if (dsv4_unfused_exact())
+            return;
+    }
+    gemm_bf16_tiles(A, M, K, P, C, ldc, nc, 1);
 }
 
 #if defined(__x86_64__)
@@ -203,6 +226,7 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
 {
     float *P = work;
     int avx = dsv4_get_isa() >= DSV4_ISA_AVX512, avx2 = dsv4_get_isa() >= DSV4_ISA_AVX2;
+    const uint32_t lowa = avx2 ? 0 : dsv4_low16(A, M, K, K);
     for (int64_t j = 0; j < nc; j += NR) {
         int64_t w = nc - j < NR ? nc - j : NR;
 #if defined(__x86_64__)
@@ -220,7 +244,7 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
         (void)avx;
         (void)avx2;
         pack_bf16(B, ldb, K, n0 + j, w, P);
-        gemm_bf16_scalar(A, M, K, P, C + j, ldc, w);
+        gemm_bf16_scalar(A, M, K, P, C + j, ldc, w, lowa);
     }
 }
 
@@ -231,8 +255,9 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
 
 int64_t dsv4_gemm_i8_lda(int64_t K) { return dsv4_round_up(K, 4); }
 int64_t dsv4_gemm_i8_rows(int64_t M) { return dsv4_round_up(M, DSV4_GEMM_MR); }
-/* the AVX2 panel holds int16, twice the bytes of the others */
-size_t dsv4_gemm_i8_work(int64_t K) { return (size_t)dsv4_gemm_i8_lda(K) * NR * 2; }
+/* int16 copies: the AVX2 panel (NR columns of B), the scalar path's NR columns of B and
+ * two rows of A */
+size_t dsv4_gemm_i8_work(int64_t K) { return (size_t)dsv4_gemm_i8_lda(K) * (NR + 2) * sizeof(int16_t); }
 
 void dsv4_gemm_i8_prep_a(const int8_t *A, int64_t M, int64_t K, int8_t *Ap, int32_t *rowsum)
 {
@@ -248,17 +273,53 @@ void dsv4_gemm_i8_prep_a(const int8_t *A, int64_t M, int64_t K, int8_t *Ap, int3
     }
 }
 
-static void gemm_i8_scalar(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *B,
-                           int64_t ldb, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
+/* s = the four sums a_r . b_c over k < n, r, c in {0, 1}: int16 lanes, which SSE2 multiplies
+ * and adds in pairs of k */
+static inline void dot2x2_i16(const int16_t *a0, const int16_t *a1, const int16_t *b0,
+                              const int16_t *b1, int64_t n, int32_t s[4])
 {
-    int64_t lda = dsv4_gemm_i8_lda(K);
-    for (int64_t m = 0; m < Mp; m++)
-        for (int64_t j = 0; j < nc; j++) {
-            int32_t c = 0;
-            for (int64_t k = 0; k < K; k++)
-                c += (int32_t)Ap[m * lda + k] * (int32_t)B[k * ldb + n0 + j];
-            C[m * ldc + j] = c;
+    int32_t s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+    for (int64_t k = 0; k < n; k++) {
+        int32_t x0 = a0[k], x1 = a1[k], y0 = b0[k], y1 = b1[k];
+        s00 += x0 * y0;
+        s01 += x0 * y1;
+        s10 += x1 * y0;
+        s11 += x1 * y1;
+    }
+    s[0] = s00; s[1] = s01; s[2] = s10; s[3] = s11;
+}
+
+/* Exact in int32, so any order: NR columns of B at a time copied to int16 [NR][lda] (column
+ * after column, zero-padded), two rows of A to int16, and each pair of rows meets each pair
+ * of columns in one dot2x2_i16. */
+static void gemm_i8_scalar(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *B,
+                           int64_t ldb, int64_t n0, int64_t nc, int32_t *C, int64_t ldc,
+                           int16_t *work)
+{
+    const int64_t lda = dsv4_gemm_i8_lda(K);
+    int16_t *bt = work, *a16 = work + NR * lda;
+    for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+        const int64_t w = nc - j0 < NR ? nc - j0 : NR;
+        memset(bt, 0, (size_t)(NR * lda) * sizeof(int16_t));
+        for (int64_t k0 = 0; k0 < K; k0 += 16)      /* 16 x w tiles: few lines in flight */
+            for (int64_t j = 0; j < w; j++)
+                for (int64_t k = k0; k < K && k < k0 + 16; k++)
+                    bt[j * lda + k] = B[k * ldb + n0 + j0 + j];
+        for (int64_t m = 0; m < Mp; m += 2) {      /* Mp is a multiple of DSV4_GEMM_MR */
+            for (int64_t k = 0; k < 2 * lda; k++)
+                a16[k] = Ap[m * lda + k];
+            for (int64_t j = 0; j < w; j += 2) {
+                int32_t s[4];
+                dot2x2_i16(a16, a16 + lda, bt + j * lda, bt + (j + 1) * lda, lda, s);
+                C[m * ldc + j0 + j] = s[0];
+                C[(m + 1) * ldc + j0 + j] = s[2];
+                if (j + 1 < w) {
+                    C[m * ldc + j0 + j + 1] = s[1];
+                    C[(m + 1) * ldc + j0 + j + 1] = s[3];
+                }
+            }
         }
+    }
 }
 
 #if defined(__x86_64__)
@@ -455,18 +516,41 @@ DSV4_AVX2 static void gemm_i8_avx2(const int8_t *Ap, int64_t Mp, int64_t K, cons
  * The expert layout. C[m, n] = sum_k A[m, k] W[n, k], exact. The AVX-512 path
  * streams W rows 64 bytes at a time against four A rows, so W needs no packing. */
 
+/* Exact: two rows of A against two rows of W per dot2x2_i16, over blocks of k copied to
+ * int16 on the stack */
+#define NT_KB 512
 static void gemm_i8_nt_scalar(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t *W,
                               int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
 {
-    int64_t lda = dsv4_gemm_i8_lda(K);
-    for (int64_t m = 0; m < Mp; m++)
-        for (int64_t j = 0; j < nc; j++) {
-            const int8_t *a = Ap + m * lda, *w = W + (n0 + j) * ldw;
-            int32_t c = 0;
-            for (int64_t k = 0; k < K; k++)
-                c += (int32_t)a[k] * (int32_t)w[k];
-            C[m * ldc + j] = c;
+    const int64_t lda = dsv4_gemm_i8_lda(K);
+    int16_t a16[2 * NT_KB], w16[2 * NT_KB];
+    for (int64_t m = 0; m < Mp; m += 2) {        /* Mp is a multiple of 4 */
+        for (int64_t j = 0; j < nc; j++)
+            C[m * ldc + j] = C[(m + 1) * ldc + j] = 0;
+        for (int64_t k0 = 0; k0 < K; k0 += NT_KB) {
+            const int64_t kn = K - k0 < NT_KB ? K - k0 : NT_KB;
+            for (int64_t k = 0; k < kn; k++) {
+                a16[k] = Ap[m * lda + k0 + k];
+                a16[NT_KB + k] = Ap[(m + 1) * lda + k0 + k];
+            }
+            for (int64_t j = 0; j < nc; j += 2) {
+                const int8_t *w0 = W + (n0 + j) * ldw + k0, *w1 = w0 + ldw;
+                const int two = j + 1 < nc;
+                for (int64_t k = 0; k < kn; k++) {
+                    w16[k] = w0[k];
+                    w16[NT_KB + k] = two ? w1[k] : 0;
+                }
+                int32_t s[4];
+                dot2x2_i16(a16, a16 + NT_KB, w16, w16 + NT_KB, kn, s);
+                C[m * ldc + j] += s[0];
+                C[(m + 1) * ldc + j] += s[2];
+                if (two) {
+                    C[m * ldc + j + 1] += s[1];
+                    C[(m + 1) * ldc + j + 1] += s[3];
+                }
+            }
         }
+    }
 }
 
 #if defined(__x86_64__)
@@ -793,8 +877,8 @@ void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K
         return;
     }
 #endif
-    (void)rowsum; (void)work;
-    gemm_i8_scalar(Ap, Mp, K, B, ldb, n0, nc, C, ldc);
+    (void)rowsum;
+    gemm_i8_scalar(Ap, Mp, K, B, ldb, n0, nc, C, ldc, work);
 }
 
 void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
@@ -856,23 +940,43 @@ size_t dsv4_xwt_panel_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth)
     return (size_t)nth * xwt_thread_bytes(T, N, G, nth);
 }
 
-/* ct[8][32] += A[8][lda] . B[kb][32], sequential k (A: 8 token rows, B: a panel) */
-static void xwt_micro_scalar(const float *A, int64_t lda, const float *B, int64_t kb, float *ct)
+/* one token row: c[j] += A[k] * B[k][j] over k in order, j < XWT_NR in the lanes (fused = 0:
+ * see gemm_bf16_row) */
+static inline __attribute__((always_inline)) void xwt_row(const float *a, const float *B,
+                                                        int64_t kb, float *c, const int fused)
 {
-    for (int r = 0; r < 8; r++)
-        for (int j = 0; j < XWT_NR; j++) {
-            float c = ct[r * XWT_NR + j];
-            for (int64_t k = 0; k < kb; k++)
-                c = fmaf(A[r * lda + k], B[k * XWT_NR + j], c);
-            ct[r * XWT_NR + j] = c;
-        }
+    float acc[XWT_NR];
+    memcpy(acc, c, sizeof acc);
+    for (int64_t k = 0; k < kb; k++) {
+        const float ak = a[k], *b = B + k * XWT_NR;
+        for (int j = 0; j < XWT_NR; j++)
+            acc[j] = fused ? fmaf(ak, b[j], acc[j]) : acc[j] + ak * b[j];
+    }
+    memcpy(c, acc, sizeof acc);
 }
 
-/* P[k][j] = W[j, k] in fp32 for j < nr (zero beyond), k < kn */
+/* ct[8][32] += A[8][lda] . B[kb][32], sequential k (A: 8 token rows, B: a panel of bf16
+ * values from xwt_panel_scalar) */
+static void xwt_micro_scalar(const float *A, int64_t lda, const float *B, int64_t kb, float *ct)
+{
+    if (dsv4_unfused_try(dsv4_low16(A, 8, kb, lda))) {
+        float c0[8 * XWT_NR];
+        memcpy(c0, ct, sizeof c0);
+        for (int r = 0; r < 8; r++)
+            xwt_row(A + r * lda, B, kb, ct + r * XWT_NR, 0);
+        if (dsv4_unfused_exact())
+            return;
+        memcpy(ct, c0, sizeof c0);
+    }
+    for (int r = 0; r < 8; r++)
+        xwt_row(A + r * lda, B, kb, ct + r * XWT_NR, 1);
+}
+
+/* P[k][j] = W[j, k] in fp32 for j < nr (zero beyond), k < kn; W's rows read in order */
 static void xwt_panel_scalar(const bf16_t *W, int64_t ldw, int64_t nr, int64_t kn, float *P)
 {
-    for (int64_t k = 0; k < kn; k++)
-        for (int64_t j = 0; j < XWT_NR; j++)
+    for (int64_t j = 0; j < XWT_NR; j++)
+        for (int64_t k = 0; k < kn; k++)
             P[k * XWT_NR + j] = j < nr ? dsv4_bf16_to_f32(W[j * ldw + k]) : 0.0f;
 }
 

@@ -509,21 +509,64 @@ float dsv4_fp8_to_f32(uint8_t c)
     return (c & 0x80) ? -v : v;
 }
 
+uint32_t dsv4_low16(const float *v, int64_t rows, int64_t n, int64_t ld)
+{
+    uint32_t low = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < n; k++)
+            low |= dsv4_f32_bits(v[r * ld + k]);
+    return low & 0xffffu;
+}
+
 /* ---- dot products of bf16-valued operands (exact products, fused) -----------------
  * The same lane order as dsv4_dot_f32, with each step a fused multiply-add. For
  * operands that hold bf16 values the product is exact, so fused and unfused agree;
- * the scalar twin uses fmaf so that the two paths agree for any input. */
+ * the portable twin is unfused only where that is checked to give the fused bits. */
 
-static float dot_fma_scalar(const float *a, const float *w, const bf16_t *wb, int64_t n)
+/* One dot product in the dsv4_dot_f32 lane order, the 16 lanes in a vector; w is fp32
+ * (bf16w = 0) or bf16. fused = 0 rounds each product on its own (see dsv4_unfused_try). */
+static inline __attribute__((always_inline)) float dot_fma_lanes(const float *a, const float *w,
+                                                                const bf16_t *wb, int64_t n,
+                                                                const int bf16w, const int fused)
 {
     float acc[LANES] = {0};
-    for (int64_t k = 0; k < n; k += LANES)
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float y = bf16w ? dsv4_bf16_to_f32(wb[k + l]) : w[k + l];
+            acc[l] = fused ? fmaf(a[k + l], y, acc[l]) : acc[l] + a[k + l] * y;
+        }
+    if (k < n)
         for (int l = 0; l < LANES; l++) {
             float x = k + l < n ? a[k + l] : 0.0f;
-            float y = k + l < n ? (w ? w[k + l] : dsv4_bf16_to_f32(wb[k + l])) : 0.0f;
-            acc[l] = fmaf(x, y, acc[l]);
+            float y = k + l < n ? (bf16w ? dsv4_bf16_to_f32(wb[k + l]) : w[k + l]) : 0.0f;
+            acc[l] = fused ? fmaf(x, y, acc[l]) : acc[l] + x * y;
         }
     return tree16(acc);
+}
+
+static inline __attribute__((always_inline)) void dot_fma_grid_lanes(
+    const float *X, int64_t ldx, int64_t NX, const float *W, const bf16_t *Wb, int64_t ldw,
+    int64_t M, int64_t n, float *out, int64_t ldo, const int fused)
+{
+    for (int64_t i = 0; i < NX; i++)
+        for (int64_t r = 0; r < M; r++)
+            out[i * ldo + r] = W ? dot_fma_lanes(X + i * ldx, W + r * ldw, NULL, n, 0, fused)
+                                 : dot_fma_lanes(X + i * ldx, NULL, Wb + r * ldw, n, 1, fused);
+}
+
+/* dsv4_dot_fma_grid on the portable path, unfused where that gives the same bits */
+static void dot_fma_grid_scalar(const float *X, int64_t ldx, int64_t NX, const float *W,
+                                const bf16_t *Wb, int64_t ldw, int64_t M, int64_t n, float *out,
+                                int64_t ldo)
+{
+    uint32_t low = dsv4_low16(X, NX, n, ldx) | (W ? dsv4_low16(W, M, n, ldw) : 0);
+    if (dsv4_unfused_try(low)) {
+        dot_fma_grid_lanes(X, ldx, NX, W, Wb, ldw, M, n, out, ldo, 0);
+        if (dsv4_unfused_exact())
+            return;
+    }
+    dot_fma_grid_lanes(X, ldx, NX, W, Wb, ldw, M, n, out, ldo, 1);
 }
 
 #if defined(__x86_64__)
@@ -745,7 +788,7 @@ void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
             for (; m + 4 <= M; m += 4)
                 dot4x1_fma_avx512(W + m * ldw, ldw, X + i0 * ldx, NULL, n, out + i0 * ldo + m, 1);
             for (; m < M; m++)
-                out[i0 * ldo + m] = dot_fma_scalar(X + i0 * ldx, W + m * ldw, NULL, n);
+                out[i0 * ldo + m] = dot_fma_lanes(X + i0 * ldx, W + m * ldw, NULL, n, 0, 1);
         }
     } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
         for (; i0 + 2 <= NX; i0 += 2) {
@@ -763,24 +806,58 @@ void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, 
                                 ldw, M - m < 4 ? (int)(M - m) : 4, n, out + i0 * ldo + m);
     }
 #endif
-    for (int64_t i = i0; i < NX; i++)
-        for (int64_t r = 0; r < M; r++)
-            out[i * ldo + r] = dot_fma_scalar(X + i * ldx, W ? W + r * ldw : NULL,
-                                              Wb ? Wb + r * ldw : NULL, n);
+    if (i0 < NX)
+        dot_fma_grid_scalar(X + i0 * ldx, ldx, NX - i0, W, Wb, ldw, M, n, out + i0 * ldo, ldo);
 }
 
 /* O[h, d] = sum over i ascending of P[h, i] * V[i, d], fused steps (exact products for
- * bf16-valued operands). One accumulation chain per output element, in i order. */
+ * bf16-valued operands). One accumulation chain per output element, in i order. Columns of V
+ * in blocks of PV_DB, each block in the lanes and kept in cache for all heads. */
+#define PV_DB 32
+static inline __attribute__((always_inline)) void pv_block(const float *P, int64_t ldh,
+                                                         int64_t ldi, int64_t H, const float *V,
+                                                         int64_t n, int64_t HD, int64_t d0,
+                                                         float *O, const int fused)
+{
+    for (int64_t h = 0; h < H; h++) {
+        float acc[PV_DB] = {0};
+        for (int64_t i = 0; i < n; i++) {
+            const float p = P[h * ldh + i * ldi], *v = V + i * HD + d0;
+            for (int j = 0; j < PV_DB; j++)
+                acc[j] = fused ? fmaf(p, v[j], acc[j]) : acc[j] + p * v[j];
+        }
+        memcpy(O + h * HD + d0, acc, sizeof acc);
+    }
+}
+
+static inline __attribute__((always_inline)) void pv_lanes(
+    const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n, int64_t HD,
+    float *O, const int fused)
+{
+    int64_t d0 = 0;
+    for (; d0 + PV_DB <= HD; d0 += PV_DB)
+        pv_block(P, ldh, ldi, H, V, n, HD, d0, O, fused);
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t d = d0; d < HD; d++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < n; i++)
+                acc = fused ? fmaf(P[h * ldh + i * ldi], V[i * HD + d], acc)
+                            : acc + P[h * ldh + i * ldi] * V[i * HD + d];
+            O[h * HD + d] = acc;
+        }
+}
+
 static void pv_scalar(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V,
                       int64_t n, int64_t HD, float *O)
 {
-    for (int64_t h = 0; h < H; h++)
-        for (int64_t d = 0; d < HD; d++) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < n; i++)
-                acc = fmaf(P[h * ldh + i * ldi], V[i * HD + d], acc);
-            O[h * HD + d] = acc;
-        }
+    /* P's bits are checked where one of its strides is 1; else the fused steps throughout */
+    uint32_t low = ldh == 1 ? dsv4_low16(P, n, H, ldi) : ldi == 1 ? dsv4_low16(P, H, n, ldh) : 1;
+    if (dsv4_unfused_try(low | dsv4_low16(V, n, HD, HD))) {
+        pv_lanes(P, ldh, ldi, H, V, n, HD, O, 0);
+        if (dsv4_unfused_exact())
+            return;
+    }
+    pv_lanes(P, ldh, ldi, H, V, n, HD, O, 1);
 }
 
 #if defined(__x86_64__)

@@ -377,23 +377,55 @@ DSV4_AVX2 static void softmax_avx2(float *s, int64_t n, int64_t H, float scale, 
 #endif
 
 /* ---- scores (§2.2): s[i * H + h] = q_h . k_i, fused steps over k in order ----------
- * The token's q as the score kernel reads it: scalar, [H][HD]; AVX-512, panels of 32 heads
- * [H / 32][HD][32] (heads past H zero), so that a row's k-th value meets 32 heads at once. */
+ * The token's q as the score kernels read it: panels of 32 heads [H / 32][HD][32] (heads past
+ * H zero), so that a row's k-th value meets 32 heads at once, in the vector lanes. */
 
-static void qk_prep_scalar(const bf16_t *q, int64_t H, int64_t HD, float *qf)
+static void qk_prep_scalar(const bf16_t *q, int64_t H, int64_t HD, float *qt)
 {
-    dsv4_bf16_row_to_f32(q, H * HD, qf);
+    for (int64_t h0 = 0; h0 < H; h0 += 32) {
+        float *panel = qt + (h0 / 32) * HD * 32;
+        for (int64_t j = 0; j < 32; j++)
+            for (int64_t k = 0; k < HD; k++)
+                panel[k * 32 + j] = h0 + j < H ? dsv4_bf16_to_f32(q[(h0 + j) * HD + k]) : 0.0f;
+    }
 }
 
-static void qk_scalar(const float *qf, const float *kt, int64_t n, int64_t H, int64_t HD, float *s)
+/* one row against one panel: c[j] = sum over k in order of kt[k] * panel[k][j] (fused = 0:
+ * the product rounded on its own, the same bits for exact products, see dsv4_unfused_try) */
+static inline __attribute__((always_inline)) void qk_row(const float *kt, const float *panel,
+                                                       int64_t HD, float *c, const int fused)
+{
+    float acc[32] = {0};
+    for (int64_t k = 0; k < HD; k++) {
+        const float a = kt[k], *b = panel + k * 32;
+        for (int j = 0; j < 32; j++)
+            acc[j] = fused ? fmaf(a, b[j], acc[j]) : acc[j] + a * b[j];
+    }
+    memcpy(c, acc, sizeof acc);
+}
+
+static inline __attribute__((always_inline)) void qk_rows(const float *qt, const float *kt,
+                                                        int64_t n, int64_t H, int64_t HD,
+                                                        float *s, const int fused)
 {
     for (int64_t i = 0; i < n; i++)
-        for (int64_t h = 0; h < H; h++) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < HD; k++)
-                acc = fmaf(kt[i * HD + k], qf[h * HD + k], acc);
-            s[i * H + h] = acc;
+        for (int64_t p = 0; p < (H + 31) / 32; p++) {
+            float c[32];
+            qk_row(kt + i * HD, qt + p * HD * 32, HD, c, fused);
+            const int64_t w = H - 32 * p < 32 ? H - 32 * p : 32;
+            memcpy(s + i * H + 32 * p, c, (size_t)w * sizeof(float));
         }
+}
+
+/* both operands hold bf16 values (qk_prep_scalar, the bf16 rows of the tile) */
+static void qk_scalar(const float *qt, const float *kt, int64_t n, int64_t H, int64_t HD, float *s)
+{
+    if (dsv4_unfused_try(0)) {
+        qk_rows(qt, kt, n, H, HD, s, 0);
+        if (dsv4_unfused_exact())
+            return;
+    }
+    qk_rows(qt, kt, n, H, HD, s, 1);
 }
 
 #if defined(__x86_64__)

@@ -1,0 +1,34 @@
+"""The C core on other code paths, outside Python: tools/aarch64_check builds
+tests/c/hash_outputs.c (hashes of core primitives and kernels on seeded inputs) natively
+and for aarch64, and compares the native scalar path (1 and 2 threads), the native best
+path and the aarch64 build run under qemu-user."""
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHECK = ROOT / "tools" / "aarch64_check"
+
+
+def run_check(*args):
+    r = subprocess.run([str(CHECK), *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build tests/c/hash_outputs.c")
+def test_native_paths_print_the_same_hashes():
+    out = run_check("--native")
+    m = re.search(r"(\d+) outputs, the same in: scalar2 scalar1 best2 best1", out)
+    assert m and int(m.group(1)) >= 39, out
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 "
+                           "(Debian packages gcc-aarch64-linux-gnu and qemu-user)")
+def test_aarch64_under_qemu_prints_the_native_hashes():
+    out = run_check()
+    assert "aarch64-2 aarch64-1" in out
