@@ -10,7 +10,7 @@ Both return a dict of outputs keyed by pypto-lib's output names. To compare
 an output of your own: dsv4.verify(kernel, outputs, inputs).
 """
 from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
-from . import bisect, case, compare, config, golden, specs
+from . import _threads, bisect, case, compare, config, golden, specs
 from ._kernels import CORE, KERNELS
 from .case import load_case, save_outputs
 from .check import check, verify
@@ -32,6 +32,7 @@ def _isa_from_environment():
 
 
 _isa_from_environment()
+_threads.threads_from_environment(set_num_threads)
 
 __version__ = "0.1.0"
 __all__ = [*KERNELS, "KERNELS", "golden", "specs", "compare", "config", "check", "verify",

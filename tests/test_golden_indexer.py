@@ -698,9 +698,16 @@ def test_positions_beyond_the_state_table_are_missing_rows(kernel):
 
 def test_decode_indexer_ignores_table_beyond_visible_slots():
     inp = sp.decode_indexer(B=8, seed=13, config=CFG)
-    inp["idx_block_table"][1:, 5:] = -1               # nobody but request 0 sees block 5+
-    inp["idx_block_table"][0, 9:] = 10 ** 6            # request 0 (256 slots) needs blocks 0..1
-    G.decode_indexer(**inp, config=CFG)
+    assert list(inp["position_ids"][:, 0]) == [1024, 0, 3, 7, 15, 16, 127, 255]
+    inp["idx_block_table"][1:, 1:] = -1               # the others (at most 64 slots) see block 0
+    inp["idx_block_table"][0, 2:] = 10 ** 6            # request 0 (256 slots) needs blocks 0..1
+    # the same bits as with the table cut to the blocks anyone sees (the C kernel needs
+    # index_n_heads a multiple of 8: CFG's 4 heads are the golden's alone)
+    cut = dict(inp, idx_block_table=np.ascontiguousarray(inp["idx_block_table"][:, :2]))
+    wide, short = G.decode_indexer(**inp, config=CFG), G.decode_indexer(**cut, config=CFG)
+    assert set(wide) == set(short)
+    for name in short:
+        assert same_bits(wide[name], short[name]), name
 
 
 @pytest.mark.parametrize("kernel", ["prefill_indexer_compressor", "prefill_indexer"])

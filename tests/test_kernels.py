@@ -246,9 +246,65 @@ def test_names_are_symmetric(kernel):
     assert kernel in dsv4.specs.COMPARATORS and kernel in dsv4.specs.CASES
     outs, inouts = getattr(dsv4, kernel).outputs, getattr(dsv4, kernel).inouts
     assert set(outs) <= set(dsv4.specs.COMPARATORS[kernel]) <= set(outs) | set(inouts)
+
+
+def doc_section(doc, title, indent):
+    """{name: description} of the `name : description` lines of a numpydoc section."""
+    lines = doc.split("\n")
+    start = lines.index(title) + 2
+    entries = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        if line.startswith(" " * indent) and not line.startswith(" " * (indent + 1)):
+            name, sep, text = line.strip().partition(" : ")
+            if sep:
+                entries[name] = text
+    return entries
+
+
+def doc_array(text):
+    """(dtype name, dims) of a documented array 'bfloat16 [T, D]...'; dims None if flat."""
+    dtype, _, rest = text.partition(" [")
+    dims = rest.partition("]")[0].split(", ")
+    return dtype, None if "any shape" in rest else dims
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_docstring_describes_the_golden_and_the_inputs(kernel):
+    # the docstring is generated from the kernel table: check it against what the table
+    # does not make, the golden's signature and outputs and the input builder's arrays
+    inputs, cfg = path_inputs(kernel, seed=7) if kernel in SMALL_LAYER_CASES else (small_inputs(kernel), {})
     doc = getattr(dsv4, kernel).__doc__
-    for name in list(c.parameters) + list(outs):
-        assert name in doc
+    params, returns = doc_section(doc, "Parameters", 0), doc_section(doc, "Returns", 4)
+    golden = getattr(dsv4.golden, kernel)
+    assert set(params) == set(inspect.signature(golden).parameters) - {"stages"}
+    kw = fresh(kernel, inputs)
+    out = golden(**kw, **cfg)
+    inouts = {k for k, v in out.items() if any(v is x for x in kw.values())}
+    assert {k for k, t in params.items() if "(updated in place)" in t} == inouts
+    assert {k for k, t in returns.items() if t == "the argument itself, updated"} == inouts
+    arrays = dict(inputs)
+    arrays.update((k, v) for k, v in out.items() if k not in inouts and k != "stages")
+    assert set(returns) - {"stages"} == set(arrays) - set(inputs) | inouts
+    sizes = {}
+    for name, v in arrays.items():
+        text = params.get(name) if name in inputs else returns.get(name)
+        assert text is not None, f"'{name}' is not documented"
+        if not isinstance(v, np.ndarray):
+            assert text.split(",")[0] in ("int", "float"), (name, text)
+            continue
+        dtype, dims = doc_array(text)
+        assert dtype == v.dtype.name, (name, text, v.dtype)
+        if dims is None:
+            continue
+        assert len(dims) == v.ndim, (name, text, v.shape)
+        for d, n in zip(dims, v.shape):
+            if d.isdigit():
+                assert int(d) == n, (name, text, v.shape)
+            elif d != "_":
+                # one symbol, one size, in every argument and output
+                assert sizes.setdefault(d, (n, name))[0] == n, (name, d, n, sizes[d])
 
 
 # ---- bad input --------------------------------------------------------------------
@@ -405,16 +461,58 @@ def test_set_num_threads_rejects_nonsense():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_output_buffers_are_written_in_place(kernel):
     inputs, cfg = path_inputs(kernel, seed=7) if kernel in SMALL_LAYER_CASES else (small_inputs(kernel), {})
-    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs), **cfg)
     for impl in (dsv4.KERNELS[kernel], getattr(dsv4.golden, kernel)):
+        ref = impl(**fresh(kernel, inputs), **cfg)
         bufs = {k: np.zeros_like(v) for k, v in ref.items() if k in dsv4.KERNELS[kernel].outputs}
         # a pypto-lib tensor dict holds the zeroed outputs beside the inputs
         out = impl(**fresh(kernel, inputs), **bufs, **cfg)
         for name, buf in bufs.items():
             assert out[name] is buf, name
-        if impl is dsv4.KERNELS[kernel]:
-            for name in bufs:
-                assert same_bits(bufs[name], ref[name]), name
+            assert same_bits(buf, ref[name]), name       # the values of a call without buffers
+
+
+GUARD = 256      # bytes each side of a view; a multiple of every dtype's alignment
+
+
+def guarded(v, seed):
+    """A copy of v inside a larger buffer whose bytes around it hold a seeded pattern."""
+    raw = np.random.default_rng(seed).integers(0, 256, v.nbytes + 2 * GUARD, dtype=np.uint8)
+    view = raw[GUARD:GUARD + v.nbytes].view(v.dtype).reshape(v.shape)
+    view[...] = v
+    return view, raw
+
+
+def changed(a, b):
+    """Per element of a: whether any of its bytes differs from b's."""
+    a8 = np.ascontiguousarray(a).view(np.uint8).reshape(a.size, -1)
+    b8 = np.ascontiguousarray(b).view(np.uint8).reshape(b.size, -1)
+    return (a8 != b8).any(axis=1).reshape(a.shape)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_write_outside_outputs_and_written_rows(kernel):
+    # every output and every state or cache is a view into a larger patterned buffer: the
+    # call writes no byte outside the views, and in a state or cache only elements the
+    # golden writes too
+    inputs, cfg = path_inputs(kernel, seed=7) if kernel in SMALL_LAYER_CASES else (small_inputs(kernel), {})
+    fn = dsv4.KERNELS[kernel]
+    ref = fn(**fresh(kernel, inputs), **cfg)
+    gold = getattr(dsv4.golden, kernel)(**fresh(kernel, inputs), **cfg)
+    views, raws = {}, {}
+    for i, name in enumerate(fn.outputs + fn.inouts):
+        v = np.zeros_like(ref[name]) if name in fn.outputs else inputs[name]
+        views[name], raws[name] = guarded(v, seed=i)
+    pristine = {k: r.copy() for k, r in raws.items()}
+    out = fn(**dict(inputs, **views), **cfg)
+    for name, raw in raws.items():
+        assert out[name] is views[name], name
+        assert same_bits(raw[:GUARD], pristine[name][:GUARD]), f"'{name}': wrote before the view"
+        assert same_bits(raw[-GUARD:], pristine[name][-GUARD:]), f"'{name}': wrote after the view"
+        assert same_bits(views[name], ref[name]), f"'{name}': not the values of a call without views"
+    for name in fn.inouts:
+        stray = changed(views[name], inputs[name]) & ~changed(gold[name], inputs[name])
+        assert not stray.any(), (f"'{name}': {stray.sum()} elements the golden leaves alone were "
+                                 f"written, first at {np.argwhere(stray)[0].tolist()}")
 
 
 @pytest.mark.parametrize("kernel", [k for k in KERNELS if dsv4.KERNELS[k].outputs])

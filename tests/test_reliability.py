@@ -1,7 +1,9 @@
 """Memory safety and thread safety of the binding: sizes that once overflowed a fixed
-array, and settings changed by one thread while others call kernels."""
+array, and settings changed by one thread while others call kernels; the default thread
+count; Ctrl-C during a call."""
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -112,3 +114,154 @@ def test_dsv4_isa_environment_variable(value, ok):
         assert run.returncode != 0
         assert "DSV4_ISA" in run.stderr and repr(value) in run.stderr
 
+
+# ---- the default thread count ---------------------------------------------------------
+
+def run_threads(overrides, cpus=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("DSV4_NUM_THREADS", "OMP_NUM_THREADS")}
+    env.update(overrides)
+    cmd = [sys.executable, "-c", "import dsv4; print(dsv4.get_num_threads())"]
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus] + cmd
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+needs_taskset = pytest.mark.skipif(not shutil.which("taskset") or not hasattr(os, "sched_getaffinity"),
+                                   reason="needs taskset (util-linux) and sched_getaffinity")
+
+
+@needs_taskset
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, 1),                                                  # the affinity mask: one CPU
+    ({"DSV4_NUM_THREADS": "3"}, 3),
+    ({"OMP_NUM_THREADS": "3"}, 3),                            # left to OpenMP
+    ({"DSV4_NUM_THREADS": "2", "OMP_NUM_THREADS": "3"}, 2),   # dsv4's own variable wins
+])
+def test_default_threads_follow_affinity_and_environment(overrides, expected):
+    run = run_threads(overrides, cpus="0")
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) == expected
+
+
+@pytest.mark.parametrize("value", ["x", "0", "-1", "1025", "2.5", "99999999999999999999"])
+def test_bad_dsv4_num_threads_raises_at_import(value):
+    run = run_threads({"DSV4_NUM_THREADS": value})
+    assert run.returncode != 0
+    assert "ValueError: environment variable DSV4_NUM_THREADS" in run.stderr
+    assert "[1, 1024]" in run.stderr and repr(value) in run.stderr
+
+
+def fake_cgroups(tmp_path, v2=None, v1=None, member="/a/b", root="/"):
+    """A mountinfo and a /proc/self/cgroup naming cgroup trees under tmp_path; v2 and v1
+    map a directory relative to the cgroup's mount to cpu.max or (quota, period)."""
+    mountinfo = [f"25 1 0:22 / {tmp_path}/other rw - tmpfs tmpfs rw"]
+    cgroup = ["5:memory:/elsewhere"]
+    if v2 is not None:
+        mountinfo.append(f"30 25 0:26 {root} {tmp_path}/unified rw,nosuid - cgroup2 cgroup2 rw")
+        cgroup.append(f"0::{member}")
+        for d, text in v2.items():
+            (tmp_path / "unified" / d).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "unified" / d / "cpu.max").write_text(text + "\n")
+    if v1 is not None:
+        mountinfo.append(f"31 25 0:27 {root} {tmp_path}/cpu rw - cgroup cgroup rw,cpu,cpuacct")
+        cgroup.append(f"4:cpu,cpuacct:{member}")
+        for d, (quota, period) in v1.items():
+            (tmp_path / "cpu" / d).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "cpu" / d / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+            (tmp_path / "cpu" / d / "cpu.cfs_period_us").write_text(f"{period}\n")
+    (tmp_path / "mountinfo").write_text("\n".join(mountinfo) + "\n")
+    (tmp_path / "cgroup").write_text("\n".join(cgroup) + "\n")
+    return str(tmp_path / "mountinfo"), str(tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize("v2,v1,expected", [
+    ({"a/b": "max 100000"}, None, None),
+    ({"a/b": "150000 100000"}, None, 2),                       # 1.5 CPUs: rounded up
+    ({"a/b": "max 100000", "a": "100000 100000"}, None, 1),    # a parent's quota caps too
+    ({"a/b": "400000 100000", ".": "200000 100000"}, None, 2),
+    ({"a/b": "50000 100000"}, None, 1),                        # half a CPU: still one thread
+    (None, {"a/b": (-1, 100000)}, None),                       # v1: -1 is no quota
+    (None, {"a/b": (250000, 100000)}, 3),
+    (None, {"a/b": (-1, 100000), "a": (300000, 100000)}, 3),
+    ({"a/b": "200000 100000"}, {"a/b": (100000, 100000)}, 1),  # both hierarchies: the smaller
+    (None, None, None),
+])
+def test_cgroup_cpu_limit(tmp_path, v2, v1, expected):
+    from dsv4._threads import cgroup_cpu_limit
+    assert cgroup_cpu_limit(*fake_cgroups(tmp_path, v2, v1)) == expected
+
+
+def test_cgroup_cpu_limit_in_a_cgroup_namespace(tmp_path):
+    # the mount's root is the process's own cgroup: its files are at the mount point
+    files = fake_cgroups(tmp_path, v2={".": "300000 100000"}, member="/docker/c1", root="/docker/c1")
+    from dsv4._threads import cgroup_cpu_limit
+    assert cgroup_cpu_limit(*files) == 3
+    assert cgroup_cpu_limit(str(tmp_path / "missing"), files[1]) is None
+
+
+def test_default_threads_are_capped_by_the_quota(monkeypatch):
+    from dsv4 import _threads
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(_threads, "cgroup_cpu_limit", lambda: None)
+    assert _threads.default_num_threads() == cpus
+    monkeypatch.setattr(_threads, "cgroup_cpu_limit", lambda: 1)
+    assert _threads.default_num_threads() == 1
+    monkeypatch.setattr(_threads, "cgroup_cpu_limit", lambda: cpus + 5)
+    assert _threads.default_num_threads() == cpus
+    set_to = []
+    _threads.threads_from_environment(set_to.append, {})
+    _threads.threads_from_environment(set_to.append, {"OMP_NUM_THREADS": "7"})
+    _threads.threads_from_environment(set_to.append, {"OMP_NUM_THREADS": "7", "DSV4_NUM_THREADS": "5"})
+    assert set_to == [cpus, 5]
+
+
+# ---- Ctrl-C during a call --------------------------------------------------------------
+
+SIGINT_CHILD = """
+import dataclasses, json, os, signal, threading, time
+import dsv4
+from dsv4.check import fresh
+cfg = dataclasses.replace(
+    dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
+    qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
+    n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
+inputs = dsv4.specs.prefill_layer(layer_id=2, chunk_lens=(130, 7), n_local_experts=4, seed=1,
+                                  config=cfg)
+t0 = time.perf_counter()
+ref = dsv4.prefill_layer(**fresh("prefill_layer", inputs), config=cfg)
+took = time.perf_counter() - t0
+kw = fresh("prefill_layer", inputs)
+sent = []
+def interrupt():
+    sent.append(time.perf_counter() - t0)
+    os.kill(os.getpid(), signal.SIGINT)
+timer = threading.Timer(took / 5, interrupt)
+result = {"returned": False, "interrupted": False}
+t0 = time.perf_counter()
+timer.start()
+try:
+    dsv4.prefill_layer(**kw, config=cfg)
+    result["returned"] = True
+except KeyboardInterrupt:
+    result["interrupted"] = True
+result["ended"] = time.perf_counter() - t0
+timer.join()
+result["sent"] = sent[0]
+result["states"] = {k: kw[k].tobytes() == ref[k].tobytes() for k in dsv4.prefill_layer.inouts}
+result["changed"] = {k: kw[k].tobytes() != inputs[k].tobytes() for k in dsv4.prefill_layer.inouts}
+print(json.dumps(result))
+"""
+
+
+def test_ctrl_c_during_a_call_raises_after_it_and_completes_the_states():
+    # the GIL is released while the kernel runs, so Python sees the SIGINT only when the
+    # call returns: the kernel finishes (every state and cache written as by an
+    # uninterrupted call), then KeyboardInterrupt is raised before the next statement
+    import json
+    run = subprocess.run([sys.executable, "-c", SIGINT_CHILD], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    r = json.loads(run.stdout.splitlines()[-1])
+    assert r["sent"] < r["ended"], r          # the signal came while the call ran
+    assert r["interrupted"] and not r["returned"], r
+    assert all(r["states"].values()), r["states"]
+    assert any(r["changed"].values()), r      # the call does write states
