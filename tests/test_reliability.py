@@ -225,30 +225,46 @@ cfg = dataclasses.replace(
     dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
     qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
     n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
-inputs = dsv4.specs.prefill_layer(layer_id=2, chunk_lens=(130, 7), n_local_experts=4, seed=1,
+inputs = dsv4.specs.prefill_layer(layer_id=2, chunk_lens=(600, 7), n_local_experts=4, seed=1,
                                   config=cfg)
-t0 = time.perf_counter()
 ref = dsv4.prefill_layer(**fresh("prefill_layer", inputs), config=cfg)
-took = time.perf_counter() - t0
-kw = fresh("prefill_layer", inputs)
-sent = []
-def interrupt():
-    sent.append(time.perf_counter() - t0)
-    os.kill(os.getpid(), signal.SIGINT)
-timer = threading.Timer(took / 5, interrupt)
-result = {"returned": False, "interrupted": False}
-t0 = time.perf_counter()
-timer.start()
-try:
-    dsv4.prefill_layer(**kw, config=cfg)
-    result["returned"] = True
-except KeyboardInterrupt:
-    result["interrupted"] = True
-result["ended"] = time.perf_counter() - t0
-timer.join()
-result["sent"] = sent[0]
-result["states"] = {k: kw[k].tobytes() == ref[k].tobytes() for k in dsv4.prefill_layer.inouts}
-result["changed"] = {k: kw[k].tobytes() != inputs[k].tobytes() for k in dsv4.prefill_layer.inouts}
+before = {k: inputs[k].view("u1") for k in dsv4.prefill_layer.inouts}
+
+def attempt():
+    kw = fresh("prefill_layer", inputs)
+    sent = []
+    def interrupt():
+        # the first cache or state byte the kernel writes says it runs (with the GIL
+        # released, so this thread does too): a fixed delay would miss the call on a busy
+        # machine
+        while not any((kw[k].view("u1") != v).any() for k, v in before.items()):
+            time.sleep(0.0002)
+        sent.append(time.perf_counter() - t0)
+        os.kill(os.getpid(), signal.SIGINT)
+    timer = threading.Thread(target=interrupt, daemon=True)
+    result = {"returned": False, "interrupted": False}
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        dsv4.prefill_layer(**kw, config=cfg)
+        result["returned"] = True
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+    result["ended"] = time.perf_counter() - t0
+    try:
+        timer.join()
+        time.sleep(0.05)
+    except KeyboardInterrupt:          # the signal came after the call: not this case
+        return None
+    result["sent"] = sent[0]
+    result["states"] = {k: kw[k].tobytes() == ref[k].tobytes() for k in dsv4.prefill_layer.inouts}
+    result["changed"] = {k: kw[k].tobytes() != inputs[k].tobytes() for k in dsv4.prefill_layer.inouts}
+    return result
+
+for _ in range(10):
+    result = attempt()
+    if result is not None:
+        break
 print(json.dumps(result))
 """
 
