@@ -112,9 +112,8 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
 
 /* out[t, n] = X[t, :] . W[n, :] for bf16 weight rows W [N, K] (ldw) and X [T, K] fp32
  * holding bf16 values; runs its own parallel region of nth threads. work holds
- * dsv4_xwt_work(T, N, K, 1, nth) bytes. Below DSV4_XWT_PANEL_MIN tokens the sums follow the
- * dsv4_dot_f32 lane order, from it on the sequential-k order of the GEMM. */
-#define DSV4_XWT_PANEL_MIN 32
+ * dsv4_xwt_work(T, N, K, 1, nth) bytes. Every output is the sequential-k sum of the GEMM,
+ * whatever T, so a token's outputs do not depend on the other tokens. */
 size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth);
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
               int64_t K, float *out, int64_t ldo, void *work, int nth);
