@@ -176,7 +176,7 @@ def test_same_bits_scalar_and_simd(kernel, simd, isa):
 
 
 # 16 tokens or more, with the deployment's K, is where the int8 GEMMs run on AMX tiles; 8
-# requests or more, where the small-T projections take their 8-row register blocks
+# requests or more, where the weight-row projections fill whole 8-token blocks
 TILED = {"decode_compressor_ratio4": dict(B=8, S=1),
          "decode_compressor_ratio128": dict(B=8, S=1),
          "decode_indexer_compressor": dict(B=8, S=1),
@@ -196,10 +196,9 @@ def test_same_bits_scalar_and_simd_at_tile_sizes(kernel, simd, isa):
     assert_simd_matches_scalar(kernel, getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3), simd, isa)
 
 
-# From DSV4_XWT_PANEL_MIN = 32 tokens on, the bf16 weight-row GEMM runs in 32-row panels and
-# 256-wide k-blocks; here with partial panels (72 rows), a partial k-block whose width is no
-# multiple of 8 or 16 (196) and token blocks past 32 (40). Below it (9 tokens, an odd count)
-# it takes dot products, here with a partial last vector.
+# The bf16 weight-row GEMM runs in 32-row panels and 256-wide k-blocks, 8 tokens at a time;
+# here with partial panels (72 rows), a partial k-block whose width is no multiple of 8 or
+# 16 (196), token blocks past 32 (40) and an odd token count (9)
 PANEL = dict(SMALL, head_dim=98, o_lora_rank=72)
 
 

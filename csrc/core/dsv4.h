@@ -146,9 +146,8 @@ void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
 
 /* out[t, n] = X[t, :] . W[n, :] for bf16 weight rows W [N, K] (ldw) and X [T, K] fp32
  * holding bf16 values; runs its own parallel region of nth threads. work holds
- * dsv4_xwt_work(T, N, K, 1, nth) bytes. Below DSV4_XWT_PANEL_MIN tokens the sums follow the
- * dsv4_dot_f32 lane order, from it on the sequential-k order of the GEMM. */
-#define DSV4_XWT_PANEL_MIN 32
+ * dsv4_xwt_work(T, N, K, 1, nth) bytes. Every output is the sequential-k sum of the GEMM,
+ * whatever T, so a token's outputs do not depend on the other tokens. */
 size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth);
 void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
               int64_t K, float *out, int64_t ldo, void *work, int nth);
@@ -161,11 +160,6 @@ struct dsv4_xwt_group {
 };
 void dsv4_xwt_groups(const struct dsv4_xwt_group *g, int64_t G, int64_t ldx, int64_t T,
                      int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth);
-/* The panel path of dsv4_xwt_groups for any T (work: dsv4_xwt_panel_work bytes): every
- * output is fmaf over k = 0..K-1 in order, so a row's sums do not depend on T. */
-size_t dsv4_xwt_panel_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth);
-void dsv4_xwt_panel_groups(const struct dsv4_xwt_group *g, int64_t G, int64_t ldx, int64_t T,
-                           int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth);
 
 /* A is int8 [M, K] prepared by dsv4_gemm_i8_prep_a (rows padded, k padded to 4). */
 int64_t dsv4_gemm_i8_lda(int64_t K);

@@ -904,14 +904,13 @@ void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_
 
 
 /* ---- out[T, N] = X[T, K] . W[N, K]^T for bf16 weights stored as rows ---------------
- * Few tokens: dot products, one per output, in the dsv4_dot_f32 lane order. From
- * DSV4_XWT_PANEL_MIN tokens on, each thread takes a run of 32-row panels of W. Per k-block of
+ * One order for every T, so that a token's sums do not depend on the other tokens of the
+ * call: each thread takes a run of 32-row panels of W. Per k-block of
  * XWT_KC it copies the tokens' slice (shared by all its panels, so it stays in L2) and turns
  * each panel into fp32 [k][32 rows] (stays in L1); 8 tokens at a time meet it in a
  * register-blocked micro-kernel with the rows in the lanes. The sums go through memory
- * between k-blocks, which is exact, so every output is still fmaf over k = 0..K-1 in
- * order. Both paths are exact per product for bf16-valued X; each output comes from one
- * thread. */
+ * between k-blocks, which is exact, so every output is fmaf over k = 0..K-1 in order
+ * (exact per product for bf16-valued X), and comes from one thread. */
 
 #include <omp.h>
 
@@ -931,11 +930,6 @@ static size_t xwt_thread_bytes(int64_t T, int64_t N, int64_t G, int nth)
 }
 
 size_t dsv4_xwt_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth)
-{
-    return T < DSV4_XWT_PANEL_MIN ? 0 : dsv4_xwt_panel_work(T, N, K, G, nth);
-}
-
-size_t dsv4_xwt_panel_work(int64_t T, int64_t N, int64_t K, int64_t G, int nth)
 {
     return (size_t)nth * xwt_thread_bytes(T, N, G, nth);
 }
@@ -1092,26 +1086,6 @@ void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t l
 
 void dsv4_xwt_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, int64_t T,
                      int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth)
-{
-    if (T < DSV4_XWT_PANEL_MIN) {
-        /* units of at most 64 rows, few enough that every thread gets some; the partition
-         * does not change any sum */
-        int64_t ur = dsv4_round_up((G * N + nth - 1) / nth, 8);
-        ur = ur < 64 ? ur : 64;
-        const int64_t units = (N + ur - 1) / ur;
-        #pragma omp parallel for schedule(static) num_threads(nth)
-        for (int64_t u = 0; u < G * units; u++) {
-            const struct dsv4_xwt_group *g = &grp[u / units];
-            int64_t r0 = u % units * ur, nr = N - r0 < ur ? N - r0 : ur;
-            dsv4_dot_fma_grid(g->X, ldx, T, NULL, g->W + r0 * ldw, ldw, nr, K, g->out + r0, ldo);
-        }
-        return;
-    }
-    dsv4_xwt_panel_groups(grp, G, ldx, T, ldw, N, K, ldo, work, nth);
-}
-
-void dsv4_xwt_panel_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, int64_t T,
-                           int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth)
 {
     void (*micro)(const float *, int64_t, const float *, int64_t, float *) = xwt_micro_scalar;
     void (*panel)(const bf16_t *, int64_t, int64_t, int64_t, float *) = xwt_panel_scalar;

@@ -206,7 +206,7 @@ int dsv4_lm_head_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     *scratch = NX <= LM_LANES
                    ? (size_t)LM_LANES * a->D * sizeof(float) + (size_t)nth * wf_floats(a->D) * sizeof(float) + 2 * 64
                    : (size_t)NX * a->D * sizeof(float) + 64 +
-                         dsv4_xwt_panel_work(NX, a->VS, a->D, a->P, (int)nth);
+                         dsv4_xwt_work(NX, a->VS, a->D, a->P, (int)nth);
     return DSV4_OK;
 }
 
@@ -221,12 +221,12 @@ int dsv4_lm_head(void *p, struct dsv4_err *e)
     struct dsv4_arena ar = {a->scratch, 0};
     if (NX > LM_LANES) {
         float *X = dsv4_take(&ar, (size_t)NX * D * sizeof(float));
-        void *work = dsv4_take(&ar, dsv4_xwt_panel_work(NX, VS, D, a->P, nth));
+        void *work = dsv4_take(&ar, dsv4_xwt_work(NX, VS, D, a->P, nth));
         struct dsv4_xwt_group g[LM_MAX_SHARDS];
         for (int64_t s = 0; s < a->P; s++)
             g[s] = (struct dsv4_xwt_group){X, a->lm_head_weight + s * VS * D, a->logits + s * VS};
         dsv4_bf16_row_to_f32(a->hidden_states, NX * D, X);
-        dsv4_xwt_panel_groups(g, a->P, D, NX, D, VS, D, V, work, nth);
+        dsv4_xwt_groups(g, a->P, D, NX, D, VS, D, V, work, nth);
         return DSV4_OK;
     }
     float *Xt = dsv4_take(&ar, (size_t)LM_LANES * D * sizeof(float));
