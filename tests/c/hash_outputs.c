@@ -3,7 +3,8 @@
  * results depend on one of them. tools/aarch64_check builds it natively and for aarch64
  * (run under qemu-user) and compares the lines.
  *
- *   hash_outputs [isa [threads]]     isa: scalar (default), best; threads: default 2
+ *   hash_outputs [isa [threads]]     isa: scalar (default), avx2, avx512, amx, best;
+ *                                    threads: default 2
  */
 #include <math.h>
 #include <stdio.h>
@@ -355,12 +356,20 @@ int main(int argc, char **argv)
 {
     const char *isa = argc > 1 ? argv[1] : "scalar";
     int nth = argc > 2 ? atoi(argv[2]) : 2;
-    if (!strcmp(isa, "best"))
+    int found = !strcmp(isa, "best");
+    if (found)
         dsv4_set_isa(dsv4_best_isa());
-    else if (!strcmp(isa, "scalar"))
-        dsv4_set_isa(DSV4_ISA_SCALAR);
-    else {
-        fprintf(stderr, "usage: %s [scalar|best [threads]]\n", argv[0]);
+    for (int i = DSV4_ISA_SCALAR; !found && i <= DSV4_ISA_AMX; i++)
+        if (!strcmp(isa, dsv4_isa_name((enum dsv4_isa)i))) {
+            if (!dsv4_isa_supported((enum dsv4_isa)i)) {
+                fprintf(stderr, "%s: this CPU has no %s\n", argv[0], isa);
+                return 3;
+            }
+            dsv4_set_isa((enum dsv4_isa)i);
+            found = 1;
+        }
+    if (!found) {
+        fprintf(stderr, "usage: %s [scalar|avx2|avx512|amx|best [threads]]\n", argv[0]);
         return 2;
     }
     dsv4_set_num_threads(nth > 0 ? nth : 1);
