@@ -280,7 +280,7 @@ def test_reference_c_falls_back_to_the_golden():
     kernel = "decode_layer"
     inputs = inputs_of(kernel)
     _, dump = run_golden(kernel, inputs)
-    res = bisect(kernel, inputs, {n: dump[n] for n in ("x_normed", "x_attn", "moe_ffn")},
-                 config=SMALL, reference="c")
+    names = ("x_normed", "sparse_indices", "x_attn", "moe_ffn")
+    res = bisect(kernel, inputs, {n: dump[n] for n in names}, config=SMALL, reference="c")
     assert res and [(s.name, s.reference) for s in res.stages] == \
-        [("x_normed", "golden"), ("x_attn", "c"), ("moe_ffn", "golden")]
+        [("x_normed", "c"), ("sparse_indices", "golden"), ("x_attn", "c"), ("moe_ffn", "golden")]
