@@ -1574,9 +1574,15 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
         return NULL;
     }
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    int check_only = 0;     /* _check_only=True: validate everything, run nothing */
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *kn = PyTuple_GET_ITEM(kwnames, i);
         int found = 0;
+        if (!PyUnicode_CompareWithASCIIString(kn, "_check_only")) {
+            if ((check_only = PyObject_IsTrue(pos[i])) < 0)
+                return NULL;
+            continue;
+        }
         for (int j = 0; j < nt && !found; j++)
             if (!PyUnicode_CompareWithASCIIString(kn, k->args[j].name)) {
                 tv[j] = pos[i];
@@ -1651,6 +1657,10 @@ static PyObject *call_kernel(PyObject *self, PyObject *const *pos, Py_ssize_t np
     dsv4_call_begin();                /* threads and code path fixed from here to the end */
     if (k->prepare(st, &err, &nscratch)) {
         PyErr_Format(PyExc_ValueError, "%s: %s", k->name, err.msg);
+        goto done;
+    }
+    if (check_only) {
+        result = Py_NewRef(Py_None);
         goto done;
     }
 

@@ -16,6 +16,7 @@ from .case import load_case, save_outputs
 from .check import check, verify
 from .config import DEMO, FLASH, PRO, DeepSeekV4Config, get_config
 from .layers import prefill_metadata, prefill_tiles
+from .forward import decode_fwd, prefill_fwd
 from .rope import gather_rope_rows, rope_tables
 
 globals().update(KERNELS)
@@ -39,4 +40,5 @@ __all__ = [*KERNELS, "KERNELS", "golden", "specs", "compare", "config", "check",
            "DeepSeekV4Config", "DEMO", "FLASH", "PRO", "get_config", "rope_tables",
            "gather_rope_rows", "set_num_threads", "get_num_threads", "set_isa", "get_isa",
            "available_isas"]
-__all__ += ["prefill_metadata", "prefill_tiles", "case", "load_case", "save_outputs", "bisect"]
+__all__ += ["prefill_metadata", "prefill_tiles", "case", "load_case", "save_outputs", "bisect",
+            "decode_fwd", "prefill_fwd"]

@@ -120,8 +120,7 @@ def _make(row):
         params.append(P("stages", P.KEYWORD_ONLY, default=False))
     sig = inspect.Signature(params)
 
-    @functools.wraps(raw)
-    def kernel(*args, **kwargs):
+    def arguments(args, kwargs):
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError as err:            # name the kernel, as the C checks do
@@ -135,6 +134,11 @@ def _make(row):
                 values, i = getattr(cfg, name + "s"), kw.get("layer_id")
                 ok = isinstance(i, (int, np.integer)) and 0 <= i < len(values)
                 kw[name] = int(values[i]) if ok else -1     # the kernel names a bad layer_id
+        return bound, kw
+
+    @functools.wraps(raw)
+    def kernel(*args, **kwargs):
+        bound, kw = arguments(args, kwargs)
         out = raw(**kw)
         if stage_names:
             # the kernel writes its intermediates either way: the same bits with or without
@@ -172,6 +176,11 @@ def _make(row):
     kernel.outputs = tuple(a["name"] for a in outs)
     kernel.inouts = tuple(a["name"] for a in inouts)
     kernel.stages = tuple(stage_names)
+
+    def validate(*args, **kwargs):
+        """Raise what the call would raise for these arguments; compute and write nothing."""
+        raw(**arguments(args, kwargs)[1], _check_only=True)
+    kernel.validate = validate
     return dlpack_io(kernel)
 
 

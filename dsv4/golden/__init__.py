@@ -34,8 +34,10 @@ __all__ = ["numerics", "rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "pre
            "decode_attention_csa", "prefill_attention_swa", "prefill_attention_hca",
            "prefill_attention_csa"]
 from .layers import decode_layer, prefill_layer
+from .forward import decode_fwd, prefill_fwd
 
-__all__ += ["decode_layer", "prefill_layer", "mtp_projection", "lm_head", "prefill_mtp"]
+__all__ += ["decode_layer", "prefill_layer", "mtp_projection", "lm_head", "prefill_mtp",
+            "decode_fwd", "prefill_fwd"]
 
 # torch tensors in, torch tensors out, as for the C kernels
 from .._kernels import dlpack_io  # noqa: E402

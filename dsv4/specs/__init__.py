@@ -11,6 +11,7 @@ from . import indexer as _indexer
 from . import layers as _layers
 from . import moe as _moe
 from . import mtp as _mtp
+from . import forward as _forward
 from .attention import (
     decode_sparse_attn, decode_sparse_attn_hca, decode_sparse_attn_swa, prefill_sparse_attn,
 )
@@ -29,6 +30,7 @@ from .indexer import (
 from .moe import expert_routed, expert_shared, gate, moe
 from .mtp import lm_head, mtp_projection, prefill_mtp
 from .layers import decode_layer, prefill_layer
+from .forward import decode_fwd, prefill_fwd
 from .qkv import decode_qkv_proj_rope, prefill_qkv_proj_rope, qkv_proj_rope, rms_norm
 
 COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS,
@@ -36,10 +38,12 @@ COMPARATORS = {**qkv.COMPARATORS, **hc.COMPARATORS, **_moe.COMPARATORS,
                **_blocks.COMPARATORS}
 COMPARATORS.update(_layers.COMPARATORS)
 COMPARATORS.update(_mtp.COMPARATORS)
+COMPARATORS.update(_forward.COMPARATORS)
 CASES = {**qkv.CASES, **hc.CASES, **_moe.CASES, **attention.CASES, **_indexer.CASES,
          **_compressor.CASES, **_blocks.CASES}
 CASES.update(_layers.CASES)
 CASES.update(_mtp.CASES)
+CASES.update(_forward.CASES)
 
 __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_proj_rope",
            "hc_pre", "hc_post", "hc_head", "gate", "expert_routed", "expert_shared", "moe",
@@ -50,4 +54,5 @@ __all__ = ["rms_norm", "qkv_proj_rope", "decode_qkv_proj_rope", "prefill_qkv_pro
            "prefill_compressor_ratio128", "decode_attention_swa", "decode_attention_hca",
            "decode_attention_csa", "prefill_attention_swa", "prefill_attention_hca",
            "prefill_attention_csa", "COMPARATORS", "CASES"]
-__all__ += ["decode_layer", "prefill_layer", "mtp_projection", "lm_head", "prefill_mtp"]
+__all__ += ["decode_layer", "prefill_layer", "mtp_projection", "lm_head", "prefill_mtp",
+            "decode_fwd", "prefill_fwd"]
