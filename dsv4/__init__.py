@@ -9,8 +9,12 @@ Every kernel exists twice, under one name:
 Both return a dict of outputs keyed by pypto-lib's output names. To compare
 an output of your own: dsv4.verify(kernel, outputs, inputs).
 """
-from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
-from . import _threads, bisect, case, compare, config, golden, specs
+from . import _threads
+
+with _threads.passive_wait():
+    from ._C import available_isas, get_isa, get_num_threads, set_isa, set_num_threads
+from . import bisect, case, compare, config, golden, specs
+from . import _kernels
 from ._kernels import CORE, KERNELS
 from .case import load_case, save_outputs
 from .check import check, verify
@@ -20,6 +24,7 @@ from .forward import decode_fwd, prefill_fwd
 from .rope import gather_rope_rows, rope_tables
 
 globals().update(KERNELS)
+decode_fwd, prefill_fwd = (_kernels.dlpack_io(f) for f in (decode_fwd, prefill_fwd))
 
 
 def _isa_from_environment():

@@ -109,3 +109,26 @@ def threads_from_environment(set_num_threads, environ=os.environ):
         set_num_threads(n)
     elif not environ.get("OMP_NUM_THREADS"):
         set_num_threads(min(default_num_threads(), MAX_THREADS))
+
+
+# what the OpenMP runtime reads once, when dsv4._C loads it
+_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+class passive_wait:
+    """While dsv4._C loads: OMP_WAIT_POLICY=PASSIVE unless the caller set a wait policy.
+
+    OpenMP's default keeps idle workers spinning for a while after each parallel region.
+    On a machine whose cores run other jobs (parallel test runs, CI), those spinning
+    workers take the time slices the working thread needs, and a call can take ten times
+    longer; passive workers sleep at once. The variable is removed again afterwards, so
+    child processes and other OpenMP runtimes (torch's) see the caller's environment."""
+
+    def __enter__(self):
+        self.set = not any(v in os.environ for v in _WAIT_VARS)
+        if self.set:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+    def __exit__(self, *exc):
+        if self.set:
+            os.environ.pop("OMP_WAIT_POLICY", None)

@@ -115,6 +115,28 @@ def test_dsv4_isa_environment_variable(value, ok):
         assert "DSV4_ISA" in run.stderr and repr(value) in run.stderr
 
 
+# ---- OpenMP waiting -------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,policy,spin", [
+    ({}, "PASSIVE", "0"),                                  # dsv4's default: sleep at once
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE", None),       # the caller's choice is kept
+    ({"GOMP_SPINCOUNT": "1000"}, "PASSIVE", "1000"),
+])
+def test_openmp_waits_passively_unless_told(overrides, policy, spin):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(overrides, OMP_DISPLAY_ENV="VERBOSE")
+    code = "import os, dsv4; print(os.environ.get('OMP_WAIT_POLICY'))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    if "GOMP_SPINCOUNT" not in run.stderr:
+        pytest.skip("the OpenMP runtime is not libgomp: it does not display its wait settings")
+    assert f"OMP_WAIT_POLICY = '{policy}'" in run.stderr
+    if spin is not None:
+        assert f"GOMP_SPINCOUNT = '{spin}'" in run.stderr
+    # the process environment is the caller's again after the import
+    assert run.stdout.strip() == str(overrides.get("OMP_WAIT_POLICY"))
+
+
 # ---- the default thread count ---------------------------------------------------------
 
 def run_threads(overrides, cpus=None):
