@@ -17,7 +17,7 @@ import sys
 
 from . import _kernels, get_isa, get_num_threads, set_num_threads
 from .case import add_golden_parser, run_golden
-from .check import cases, check
+from .check import DRIVERS, KNOWN, cases, check
 
 # the golden's BLAS threads spin for a while after a call; the C kernel is timed after
 # they have gone idle, or it would be measuring the scheduler
@@ -75,10 +75,10 @@ class _Progress:
 
 def _plan(args, ap):
     names = [n for group in (args.kernels or []) + (args.kernel or []) for n in group.split(",") if n]
-    names = list(dict.fromkeys(names)) or list(_kernels.KERNELS)
-    unknown = [n for n in names if n not in _kernels.KERNELS]
+    names = list(dict.fromkeys(names)) or list(KNOWN)
+    unknown = [n for n in names if n not in KNOWN]
     if unknown:
-        ap.error(f"unknown kernel(s): {', '.join(unknown)}; known: {', '.join(_kernels.KERNELS)}")
+        ap.error(f"unknown kernel(s): {', '.join(unknown)}; known: {', '.join(KNOWN)}")
     patterns = [p for group in args.case or [] for p in group.split(",") if p]
     plan = [(k, c) for k in names for c in cases(k)
             if not patterns or any(fnmatch.fnmatchcase(c, p) for p in patterns)]
@@ -149,7 +149,7 @@ def main(argv=None):
     if args.cmd == "golden":
         return run_golden(args)
     if args.cmd == "list":
-        for name, k in _kernels.KERNELS.items():
+        for name, k in {**_kernels.KERNELS, **DRIVERS}.items():
             print(f"{name:28s} {k.__doc__.splitlines()[0][:90]}")
         return 0
     if args.repeat < 1:

@@ -6,29 +6,53 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import forward as _forward
 from . import golden, specs
 from ._kernels import KERNELS, TABLE
 from .compare import CompareResult, Report, allclose, compare_outputs, ratio_allclose
 
 
+# the multi-layer forward: Python drivers over the C layers, checked like a kernel
+DRIVERS = {"decode_fwd": _forward.decode_fwd, "prefill_fwd": _forward.prefill_fwd}
+KNOWN = [*KERNELS, *DRIVERS]
+
+
 def _kernel(name):
     """dsv4.<name>; a ValueError naming the known kernels if there is none."""
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
-    return KERNELS[name]
+    k = KERNELS.get(name) or DRIVERS.get(name)
+    if k is None:
+        raise ValueError(f"unknown kernel {name!r}; known: {', '.join(KNOWN)}")
+    return k
 
 
 def fresh(kernel, inputs):
     """`inputs` with private copies of the states and caches `kernel` updates in place."""
-    return {k: (v.copy() if k in KERNELS[kernel].inouts else v) for k, v in inputs.items()}
+    inouts = _kernel(kernel).inouts
+    return {k: (v.copy() if k in inouts else v) for k, v in inputs.items()}
 
 
 def axes(kernel):
     """Axis names of each output, in-out and stage of a kernel: the C kernel table's
     symbolic dims, e.g. {"q": ("T", "H", "HD"), ...}."""
     _kernel(kernel)
+    if kernel in DRIVERS:
+        return _forward.axes(kernel)
     return {a["name"]: tuple(a["dims"].split(",")) for a in TABLE[kernel]["args"]
             if a["role"] in ("out", "inout", "stage")}
+
+
+def _per_layer(kernel, actual, exp, names, cmps):
+    """A forward's x_next stage [layers, ...] as one entry per layer, x_next[L], each with
+    the layer's x_next comparator: the report shows the first layer that departs."""
+    if kernel not in DRIVERS or "x_next" not in actual or "x_next" not in exp \
+            or np.shape(actual["x_next"]) != np.shape(exp["x_next"]):
+        return actual, exp
+    a, e = actual.pop("x_next"), exp.pop("x_next")
+    cmp = specs.COMPARATORS[kernel.replace("_fwd", "_layer")]["x_next"]
+    for L in range(len(e)):
+        actual[f"x_next[{L}]"], exp[f"x_next[{L}]"] = a[L], e[L]
+        names[f"x_next[{L}]"], cmps[f"x_next[{L}]"] = names["x_next"][1:], cmp
+    return actual, exp
 
 
 def _timed(kernel, fn, kwargs, repeat, warmup=0):
@@ -156,6 +180,7 @@ def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=No
     cmps.update((n, stage_comparator(np.asarray(exp[n]).dtype)) for n in exp
                 if n not in cmps and n not in fn.outputs + fn.inouts)
     cmps.update(comparators or {})
+    actual, exp = _per_layer(kernel, dict(actual), exp, names, cmps)
     report = compare_outputs(actual, exp, cmps, inputs=inputs, axes=names)
     for n in actual:
         if n not in exp:
@@ -192,7 +217,7 @@ def check(kernel, case=None, *, seed=0, config=None, repeat=3, warmup=0, settle=
     else:
         chosen = known
     cfg = {} if config is None else {"config": config}
-    run = KERNELS[kernel]
+    run = _kernel(kernel)
     results = []
     for name, p in chosen.items():
         inputs = getattr(specs, kernel)(**p, seed=seed, **cfg)

@@ -344,9 +344,25 @@ def make(kern, ops, doc):
     forward.__signature__ = sig
     forward.__name__ = forward.__qualname__ = kern
     forward.__doc__ = doc
-    forward.outputs = ("x_out" if prefill else "hidden_out", "logits")
+    out = "x_out" if prefill else "hidden_out"
+    forward.outputs = (out, "logits")
     forward.inouts = _INOUTS[kern]
+    forward.stages = ("x_next", "x_head")
     return forward
+
+
+def axes(kern):
+    """Axis names of the forward's outputs, caches (the layer's, stacked on axis 1) and
+    stages."""
+    from ._kernels import TABLE
+    layer = kern.replace("_fwd", "_layer")
+    rows = "total" if kern == "prefill_fwd" else "T"
+    out = {a["name"]: tuple(a["dims"].split(",")) for a in TABLE[layer]["args"]
+           if a["name"] in _INOUTS[kern]}
+    out.update({"x_out" if kern == "prefill_fwd" else "hidden_out": ("R", rows, "D"),
+                "logits": ("R", rows, "V"), "x_head": ("R", rows, "D"),
+                "x_next": ("layer", "R", rows, "HC", "D")})
+    return out
 
 
 _DOC = """{what}

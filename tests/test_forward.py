@@ -112,11 +112,8 @@ def test_decode_fwd_c_matches_golden_at_every_layer(dec, dec_runs):
     for L in range(N):
         r = cmp(c["stages"]["x_next"][L], g["stages"]["x_next"][L], name=f"x_next[{L}]")
         assert r.passed, r.message
-    for name, cmp in S.COMPARATORS["decode_fwd"].items():
-        r = cmp(c[name], g[name], name=name)
-        assert r.passed, r.message
-    for name in DECODE_CACHES:
-        r = S.COMPARATORS["decode_layer"][name](c[name], g[name], name=name)
+    for name in ("hidden_out", *DECODE_CACHES):
+        r = S.COMPARATORS["decode_fwd"][name](c[name], g[name], name=name)
         assert r.passed, r.message
 
 
@@ -279,9 +276,28 @@ def test_prefill_fwd_c_matches_golden_at_every_layer(pre_runs):
         r = cmp(c["stages"]["x_next"][L], g["stages"]["x_next"][L], name=f"x_next[{L}]",
                 inputs=inputs)
         assert r.passed, r.message
-    r = S.COMPARATORS["prefill_fwd"]["x_out"](c["x_out"], g["x_out"], name="x_out",
-                                               inputs=inputs)
-    assert r.passed, r.message
-    for name in PREFILL_CACHES:
-        r = S.COMPARATORS["prefill_layer"][name](c[name], g[name], name=name)
+    for name in ("x_out", *PREFILL_CACHES):
+        r = S.COMPARATORS["prefill_fwd"][name](c[name], g[name], name=name, inputs=inputs)
         assert r.passed, r.message
+
+
+# ------------------------------------------------------------- finding the layer
+
+def test_verify_names_the_first_layer_that_departs(dec, dec_runs):
+    """An NPU forward whose layer 2 went wrong: verify compares x_next layer by layer with
+    the layer comparator; layers 0 and 1 pass, 2 and 3 fail."""
+    c = dec_runs[1]
+    npu = c["stages"]["x_next"].copy()
+    npu[2:] = (npu[2:].astype(np.float32) * np.float32(1.05)).astype(npu.dtype)
+    report = dsv4.verify("decode_fwd", {"x_next": npu, "hidden_out": c["hidden_out"]},
+                         dec, config=SMALL)
+    verdict = {n: r.passed for n, r in report.results.items()}
+    assert verdict == {"x_next[0]": True, "x_next[1]": True, "x_next[2]": False,
+                       "x_next[3]": False, "hidden_out": True}
+    assert "layer" not in str(report) or "x_next[2]" in str(report)
+
+
+def test_check_runs_the_forward():
+    (r,) = dsv4.check("decode_fwd", start_pos=START, layers=3, n_local_experts=4, config=SMALL,
+                      repeat=1)
+    assert r.passed and set(r.report.results) == {"hidden_out", *DECODE_CACHES}

@@ -13,6 +13,7 @@ from ..config import DECODE_START_POS, get_config
 from ..forward import _SHARED_DECODE, _SHARED_PREFILL, _group, schedule
 from ..golden.numerics import bf16_rne
 from . import layers as _layers
+from . import mtp as _mtp
 from .hc import HC_BASE, HC_SCALE
 from .layers import _rank_seed, _rep
 from ._common import normal
@@ -87,11 +88,18 @@ def prefill_fwd(chunk_lens=(128,), start_positions=None, layers=None, *, n_ranks
 # pypto-lib has no golden for the forward: its output gets the layers' x_next budget
 # (§5.4, §6.9), which each layer's output (the x_next stage) must meet too
 _X_NEXT = ratio_reldiff(diff_thd=0.01, pct_thd=0.05)
+# the caches get the layers' comparators for them, the logits the LM head's
 COMPARATORS = {
-    "decode_fwd": {"hidden_out": _X_NEXT},
-    "prefill_fwd": {"x_out": _layers.packed_valid_rows(_X_NEXT)},
+    "decode_fwd": {"hidden_out": _X_NEXT, "logits": _mtp.COMPARATORS["lm_head"]["logits"],
+                   **{n: c for n, c in _layers.COMPARATORS["decode_layer"].items()
+                      if n != "x_next"}},
+    "prefill_fwd": {"x_out": _layers.packed_valid_rows(_X_NEXT),
+                    "logits": _layers.packed_valid_rows(_mtp.COMPARATORS["lm_head"]["logits"]),
+                    **{n: c for n, c in _layers.COMPARATORS["prefill_layer"].items()
+                       if n != "x_next"}},
 }
+# the first four layers (SWA, SWA, CSA, HCA) of the config, 2 ranks x 4 local experts
 CASES = {
-    "decode_fwd": {"demo": dict(start_pos=1000, n_local_experts=4, config="demo")},
-    "prefill_fwd": {"demo": dict(chunk_lens=(128,), n_local_experts=4, config="demo")},
+    "decode_fwd": {"4 layers": dict(layers=4, n_local_experts=4)},
+    "prefill_fwd": {"4 layers": dict(chunk_lens=(128,), layers=4, n_local_experts=4)},
 }
