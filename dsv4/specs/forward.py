@@ -10,7 +10,7 @@ import numpy as np
 
 from ..compare import ratio_reldiff
 from ..config import DECODE_START_POS, get_config
-from ..forward import _SHARED_DECODE, _SHARED_PREFILL, _group, schedule
+from ..forward import _PREFILL_META, _SHARED_DECODE, _SHARED_PREFILL, _group, schedule
 from ..golden.numerics import bf16_rne
 from . import layers as _layers
 from . import mtp as _mtp
@@ -34,18 +34,30 @@ def _head(R, seed, c):
                 seed, "final_norm_w", (c.hidden_size,))), R)}
 
 
-def _stack(per_layer, sched, shared, skip=()):
-    """The layer dicts stacked along axis 1: every-layer tensors over all layers, csa_* /
-    hca_* over that kind's layers (one stand-in block when the layers have none)."""
-    d0 = per_layer[0]
-    out = {"x_hc": d0["x_hc"]}
-    out.update({n: d0[n] for n in shared})
-    for name, a in d0.items():
-        if name in out or name in skip or name in ("layer_id", "x_hc") or not hasattr(a, "ndim"):
-            continue
-        g = _group(name)
-        Ls = [L for L, k, _ in sched if g == "fwd" or k == g] or [0]
-        out[name] = np.concatenate([per_layer[L][name] for L in Ls], axis=1)
+def _stack(build, sched, shared, skip=()):
+    """The layers' dicts (build(L)) stacked along axis 1, one layer in memory at a time:
+    every-layer tensors over all layers, csa_* / hca_* over that kind's layers (one
+    stand-in block, layer 0's, when the layers have none of that kind)."""
+    out = {}
+    for L, _, _ in sched:
+        d = build(L)
+        if L == sched[0][0]:
+            out["x_hc"] = d["x_hc"]
+            out.update({n: d[n] for n in shared})
+        for name, a in d.items():
+            if name in shared or name in skip or name in ("layer_id", "x_hc") \
+                    or not isinstance(a, np.ndarray):
+                continue
+            g = _group(name)
+            Ls = [M for M, k, _ in sched if g == "fwd" or k == g] or [sched[0][0]]
+            if L not in Ls:
+                continue
+            n = a.shape[1]
+            if name not in out:
+                out[name] = np.empty((a.shape[0], len(Ls) * n, *a.shape[2:]), a.dtype)
+            j = Ls.index(L)
+            out[name][:, j * n:(j + 1) * n] = a
+        del d
     return out
 
 
@@ -57,10 +69,10 @@ def decode_fwd(start_pos=DECODE_START_POS, layers=None, *, n_ranks=2, n_local_ex
     start_pos); the head weights of §10.3."""
     c = get_config(config)
     sched = schedule(layers, c)
-    per_layer = [_layers.decode_layer(start_pos, L, n_ranks=n_ranks,
-                                      n_local_experts=n_local_experts,
-                                      seed=_layer_seed(seed, L), config=c) for L, _, _ in sched]
-    out = _stack(per_layer, sched, _SHARED_DECODE)
+    out = _stack(lambda L: _layers.decode_layer(start_pos, L, n_ranks=n_ranks,
+                                                n_local_experts=n_local_experts,
+                                                seed=_layer_seed(seed, L), config=c),
+                 sched, _SHARED_DECODE)
     out.update(_head(n_ranks, seed, c))
     return out
 
@@ -73,11 +85,10 @@ def prefill_fwd(chunk_lens=(128,), start_positions=None, layers=None, *, n_ranks
     (the forward computes each kind's metadata); the head weights of §10.3."""
     c = get_config(config)
     sched = schedule(layers, c)
-    per_layer = [_layers.prefill_layer(L, chunk_lens, start_positions, n_ranks=n_ranks,
-                                       n_local_experts=n_local_experts,
-                                       seed=_layer_seed(seed, L), config=c) for L, _, _ in sched]
-    from ..forward import _PREFILL_META
-    out = _stack(per_layer, sched, _SHARED_PREFILL, skip=_PREFILL_META)
+    out = _stack(lambda L: _layers.prefill_layer(L, chunk_lens, start_positions, n_ranks=n_ranks,
+                                                 n_local_experts=n_local_experts,
+                                                 seed=_layer_seed(seed, L), config=c),
+                 sched, _SHARED_PREFILL, skip=_PREFILL_META)
     out["chunk_lens"] = np.asarray(chunk_lens, np.int64)
     out["start_positions"] = (None if start_positions is None
                               else np.asarray(start_positions, np.int64))
