@@ -1,8 +1,8 @@
 /* dsv4._C: the only file that touches the CPython and NumPy C-APIs.
  *
- * One table row per kernel names its tensors (dtype, symbolic dims, role),
- * its scalars and its dims, each with the offset of its field in the kernel's
- * argument struct. call_kernel() is the whole binding: it validates every
+ * One table row per kernel names its tensors (symbolic dims, role), its
+ * scalars and its dims, each by its field in the kernel's argument struct,
+ * whose type gives the dtype. call_kernel() is the whole binding: it validates every
  * argument against the row, binds the symbolic dims, runs the kernel's
  * prepare() (relations, index ranges, scratch size), allocates the outputs,
  * releases the GIL and runs the kernel. Nothing is written before every check
@@ -46,522 +46,565 @@ struct kernel_spec {
 
 /* ---- the kernel table ----------------------------------------------------- */
 
-#define RMS(f) offsetof(struct dsv4_rms_norm_args, f)
-static const struct dim_spec rms_dims[] = {{"T", RMS(T)}, {"D", RMS(D)}, {0}};
-static const struct arg_spec rms_args[] = {
-    {"x", DSV4_BF16, "T,D", IN, 0, RMS(x)},
-    {"norm_w", DSV4_BF16, "D", IN, 0, RMS(norm_w)},
-    {"x_normed", DSV4_BF16, "T,D", OUT, 0, RMS(x_normed)},
-    {0}};
-static const struct scalar_spec rms_scalars[] = {{"rms_norm_eps", SC_FLOAT, RMS(rms_norm_eps), 1, 0, 0.0}, {0}};
+/* Each row names a field of the kernel's argument struct S, the one declaration of the
+ * argument's type: a tensor's dtype is its field's pointee type (ARG_DT gives it for a
+ * void * field, whose dtype the variant picks), a scalar is int or float as its field is.
+ * An input's field is a const pointer, an output's or a state's is not, a dim's is an
+ * int64_t: a row that disagrees with its field does not compile. _AS rows bind a field
+ * under another name, _IN rows a field of a member struct under the field's name. */
+#define CHECK(cond, msg) (0 * sizeof(struct { _Static_assert(cond, msg); char c; }))
+#define FIELD(S, f) (((S *)0)->f)
+#define IS_TYPE(x, T) _Generic((x), T: 1, default: 0)
+#define PTR_DTYPE(p)                                                                     \
+    _Generic((p), const bf16_t *: DSV4_BF16, bf16_t *: DSV4_BF16,                        \
+             const float *: DSV4_F32, float *: DSV4_F32,                                 \
+             const int8_t *: DSV4_I8, int8_t *: DSV4_I8,                                 \
+             const int32_t *: DSV4_I32, int32_t *: DSV4_I32,                             \
+             const int64_t *: DSV4_I64, int64_t *: DSV4_I64,                             \
+             const void *: -1, void *: -1)
+#define PTR_CONST(p)                                                                     \
+    _Generic((p), const bf16_t *: 1, const float *: 1, const int8_t *: 1,                \
+             const int32_t *: 1, const int64_t *: 1, const void *: 1, default: 0)
+#define ARG_OFF(S, name, f, role)                                                        \
+    (offsetof(S, f) +                                                                    \
+     CHECK((role == IN) == PTR_CONST(FIELD(S, f)),                                       \
+           "argument " name ": an input needs a const pointer field, an output or a "    \
+           "state a non-const one"))
+#define ARG_FLAGS(S, name, f, dims, role, flags)                                         \
+    {name, PTR_DTYPE(FIELD(S, f)), dims, role, flags,                                    \
+     ARG_OFF(S, name, f, role) +                                                         \
+         CHECK(PTR_DTYPE(FIELD(S, f)) >= 0, "argument " name ": a void * field: use ARG_DT")}
+#define ARG(S, f, dims, role) ARG_FLAGS(S, #f, f, dims, role, 0)
+#define ARG_AS(S, name, f, dims, role) ARG_FLAGS(S, name, f, dims, role, 0)
+#define ARG_IN(S, m, f, dims, role) ARG_FLAGS(S, #f, m.f, dims, role, 0)
+#define ARG_DT(S, f, dtype, dims, role)                                                  \
+    {#f, dtype, dims, role, 0,                                                           \
+     ARG_OFF(S, #f, f, role) +                                                           \
+         CHECK(PTR_DTYPE(FIELD(S, f)) < 0, "argument " #f ": a typed field: use ARG")}
+#define SCALAR_AS(S, name, f, from_config, has_default, dflt)                            \
+    {name, _Generic(FIELD(S, f), int64_t: SC_INT, float: SC_FLOAT), offsetof(S, f),      \
+     from_config, has_default, dflt}
+#define SCALAR(S, f, from_config, has_default, dflt)                                     \
+    SCALAR_AS(S, #f, f, from_config, has_default, dflt)
+#define SCALAR_IN(S, m, f, from_config, has_default, dflt)                               \
+    SCALAR_AS(S, #f, m.f, from_config, has_default, dflt)
+#define DIM_AS(S, name, f)                                                               \
+    {name, offsetof(S, f) + CHECK(IS_TYPE(FIELD(S, f), int64_t),                         \
+                                  "dim " name ": its field must be an int64_t")}
+#define DIM(S, f) DIM_AS(S, #f, f)
+#define DIM_IN(S, m, f) DIM_AS(S, #f, m.f)
 
-#define QKV(f) offsetof(struct dsv4_qkv_proj_rope_args, f)
+#define RMS struct dsv4_rms_norm_args
+static const struct dim_spec rms_dims[] = {DIM(RMS, T), DIM(RMS, D), {0}};
+static const struct arg_spec rms_args[] = {
+    ARG(RMS, x, "T,D", IN),
+    ARG(RMS, norm_w, "D", IN),
+    ARG(RMS, x_normed, "T,D", OUT),
+    {0}};
+static const struct scalar_spec rms_scalars[] = {SCALAR(RMS, rms_norm_eps, 1, 0, 0.0), {0}};
+
+#define QKV struct dsv4_qkv_proj_rope_args
 static const struct dim_spec qkv_dims[] = {
-    {"B", QKV(B)}, {"S", QKV(S)}, {"T", QKV(T)}, {"D", QKV(D)}, {"Q", QKV(Q)},
-    {"HHD", QKV(HHD)}, {"HD", QKV(HD)}, {"H", QKV(H)}, {"P", QKV(P)}, {"RW", QKV(RW)}, {0}};
-#define QKV_WEIGHTS                                                              \
-    {"wq_a", DSV4_BF16, "D,Q", IN, 0, QKV(wq_a)},                                \
-    {"wq_b", DSV4_I8, "Q,HHD", IN, 0, QKV(wq_b)},                                \
-    {"wq_b_scale", DSV4_F32, "HHD", IN, FLAT, QKV(wq_b_scale)},                  \
-    {"wkv", DSV4_BF16, "D,HD", IN, 0, QKV(wkv)}
-#define QKV_TAIL                                                                 \
-    {"gamma_cq", DSV4_BF16, "Q", IN, 0, QKV(gamma_cq)},                          \
-    {"gamma_ckv", DSV4_BF16, "HD", IN, 0, QKV(gamma_ckv)},                       \
-    {"q", DSV4_BF16, "T,H,HD", OUT, 0, QKV(q)},                                  \
-    {"kv", DSV4_BF16, "T,HD", OUT, 0, QKV(kv)},                                  \
-    {"qr", DSV4_I8, "T,Q", OUT, 0, QKV(qr)},                                     \
-    {"qr_scale", DSV4_F32, "T,1", OUT, 0, QKV(qr_scale)},                        \
+    DIM(QKV, B), DIM(QKV, S), DIM(QKV, T), DIM(QKV, D), DIM(QKV, Q), DIM(QKV, HHD),
+    DIM(QKV, HD), DIM(QKV, H), DIM(QKV, P), DIM(QKV, RW), {0}};
+#define QKV_WEIGHTS                                                                  \
+    ARG(QKV, wq_a, "D,Q", IN),                                                       \
+    ARG(QKV, wq_b, "Q,HHD", IN),                                                     \
+    ARG_FLAGS(QKV, "wq_b_scale", wq_b_scale, "HHD", IN, FLAT),                       \
+    ARG(QKV, wkv, "D,HD", IN)
+#define QKV_TAIL                                                                     \
+    ARG(QKV, gamma_cq, "Q", IN),                                                     \
+    ARG(QKV, gamma_ckv, "HD", IN),                                                   \
+    ARG(QKV, q, "T,H,HD", OUT),                                                      \
+    ARG(QKV, kv, "T,HD", OUT),                                                       \
+    ARG(QKV, qr, "T,Q", OUT),                                                        \
+    ARG(QKV, qr_scale, "T,1", OUT),                                                  \
     {0}
 static const struct arg_spec qkv_args[] = {
-    {"x", DSV4_BF16, "T,D", IN, 0, QKV(x)},
+    ARG(QKV, x, "T,D", IN),
     QKV_WEIGHTS,
-    {"rope_cos", DSV4_BF16, "T,RW", IN, 0, QKV(rope_cos)},
-    {"rope_sin", DSV4_BF16, "T,RW", IN, 0, QKV(rope_sin)},
+    ARG(QKV, rope_cos, "T,RW", IN),
+    ARG(QKV, rope_sin, "T,RW", IN),
     QKV_TAIL};
 static const struct arg_spec decode_qkv_args[] = {
-    {"x", DSV4_BF16, "B,S,D", IN, 0, QKV(x)},
-    {"norm_w", DSV4_F32, "D", IN, 0, QKV(norm_w)},
+    ARG(QKV, x, "B,S,D", IN),
+    ARG(QKV, norm_w, "D", IN),
     QKV_WEIGHTS,
-    {"rope_cos", DSV4_BF16, "T,RW", IN, 0, QKV(rope_cos)},
-    {"rope_sin", DSV4_BF16, "T,RW", IN, 0, QKV(rope_sin)},
+    ARG(QKV, rope_cos, "T,RW", IN),
+    ARG(QKV, rope_sin, "T,RW", IN),
     {"even_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
     {"odd_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
     QKV_TAIL};
 static const struct arg_spec prefill_qkv_args[] = {
-    {"x", DSV4_BF16, "B,S,D", IN, 0, QKV(x)},
-    {"norm_w", DSV4_F32, "D", IN, 0, QKV(norm_w)},
+    ARG(QKV, x, "B,S,D", IN),
+    ARG(QKV, norm_w, "D", IN),
     QKV_WEIGHTS,
-    {"freqs_cos", DSV4_BF16, "P,RW", IN, 0, QKV(rope_cos)},
-    {"freqs_sin", DSV4_BF16, "P,RW", IN, 0, QKV(rope_sin)},
+    ARG_AS(QKV, "freqs_cos", rope_cos, "P,RW", IN),
+    ARG_AS(QKV, "freqs_sin", rope_sin, "P,RW", IN),
     {"even_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
     {"odd_select_t", DSV4_BF16, "_,_", UNUSED, OPTIONAL, 0},
     QKV_TAIL};
 static const struct scalar_spec qkv_scalars[] = {
-    {"rms_norm_eps", SC_FLOAT, QKV(rms_norm_eps), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, QKV(qk_rope_head_dim), 1, 0, 0.0},
+    SCALAR(QKV, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(QKV, qk_rope_head_dim, 1, 0, 0.0),
     {0}};
 static const struct scalar_spec prefill_qkv_scalars[] = {
-    {"start_pos", SC_INT, QKV(start_pos), 0, 1, 0.0},
-    {"rms_norm_eps", SC_FLOAT, QKV(rms_norm_eps), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, QKV(qk_rope_head_dim), 1, 0, 0.0},
+    SCALAR(QKV, start_pos, 0, 1, 0.0),
+    SCALAR(QKV, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(QKV, qk_rope_head_dim, 1, 0, 0.0),
     {0}};
 
-#define HCP(f) offsetof(struct dsv4_hc_pre_args, f)
+#define HCP struct dsv4_hc_pre_args
 static const struct dim_spec hc_pre_dims[] = {
-    {"T", HCP(T)}, {"HC", HCP(HC)}, {"D", HCP(D)}, {"MIX", HCP(MIX)}, {"K", HCP(K)},
-    {"HC2", HCP(HC2)}, {0}};
+    DIM(HCP, T), DIM(HCP, HC), DIM(HCP, D), DIM(HCP, MIX), DIM(HCP, K), DIM(HCP, HC2), {0}};
 static const struct arg_spec hc_pre_args[] = {
-    {"x", DSV4_BF16, "T,HC,D", IN, 0, HCP(x)},
-    {"hc_fn", DSV4_F32, "MIX,K", IN, 0, HCP(hc_fn)},
-    {"hc_scale", DSV4_F32, "3", IN, 0, HCP(hc_scale)},
-    {"hc_base", DSV4_F32, "MIX", IN, 0, HCP(hc_base)},
-    {"x_mixed", DSV4_BF16, "T,D", OUT, 0, HCP(x_mixed)},
-    {"post", DSV4_F32, "T,HC", OUT, 0, HCP(post)},
-    {"comb", DSV4_F32, "T,HC2", OUT, 0, HCP(comb)},
+    ARG(HCP, x, "T,HC,D", IN),
+    ARG(HCP, hc_fn, "MIX,K", IN),
+    ARG(HCP, hc_scale, "3", IN),
+    ARG(HCP, hc_base, "MIX", IN),
+    ARG(HCP, x_mixed, "T,D", OUT),
+    ARG(HCP, post, "T,HC", OUT),
+    ARG(HCP, comb, "T,HC2", OUT),
     {0}};
 static const struct scalar_spec hc_pre_scalars[] = {
-    {"rms_norm_eps", SC_FLOAT, HCP(rms_norm_eps), 1, 0, 0.0},
-    {"hc_eps", SC_FLOAT, HCP(hc_eps), 1, 0, 0.0},
-    {"hc_sinkhorn_iters", SC_INT, HCP(hc_sinkhorn_iters), 1, 0, 0.0},
+    SCALAR(HCP, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(HCP, hc_eps, 1, 0, 0.0),
+    SCALAR(HCP, hc_sinkhorn_iters, 1, 0, 0.0),
     {0}};
 
-#define HCO(f) offsetof(struct dsv4_hc_post_args, f)
+#define HCO struct dsv4_hc_post_args
 static const struct dim_spec hc_post_dims[] = {
-    {"T", HCO(T)}, {"HC", HCO(HC)}, {"D", HCO(D)}, {"HC2", HCO(HC2)}, {0}};
+    DIM(HCO, T), DIM(HCO, HC), DIM(HCO, D), DIM(HCO, HC2), {0}};
 static const struct arg_spec hc_post_args[] = {
-    {"x", DSV4_BF16, "T,D", IN, 0, HCO(x)},
-    {"residual", DSV4_BF16, "T,HC,D", IN, 0, HCO(residual)},
-    {"post", DSV4_F32, "T,HC", IN, 0, HCO(post)},
-    {"comb", DSV4_F32, "T,HC2", IN, 0, HCO(comb)},
-    {"y", DSV4_BF16, "T,HC,D", OUT, 0, HCO(y)},
+    ARG(HCO, x, "T,D", IN),
+    ARG(HCO, residual, "T,HC,D", IN),
+    ARG(HCO, post, "T,HC", IN),
+    ARG(HCO, comb, "T,HC2", IN),
+    ARG(HCO, y, "T,HC,D", OUT),
     {0}};
 
-#define HCH(f) offsetof(struct dsv4_hc_head_args, f)
+#define HCH struct dsv4_hc_head_args
 static const struct dim_spec hc_head_dims[] = {
-    {"T", HCH(T)}, {"HC", HCH(HC)}, {"D", HCH(D)}, {"K", HCH(K)}, {0}};
+    DIM(HCH, T), DIM(HCH, HC), DIM(HCH, D), DIM(HCH, K), {0}};
 static const struct arg_spec hc_head_args[] = {
-    {"x_hc", DSV4_BF16, "T,HC,D", IN, 0, HCH(x_hc)},
-    {"hc_head_fn", DSV4_F32, "HC,K", IN, 0, HCH(hc_head_fn)},
-    {"hc_head_scale", DSV4_F32, "1", IN, 0, HCH(hc_head_scale)},
-    {"hc_head_base", DSV4_F32, "HC", IN, 0, HCH(hc_head_base)},
-    {"y", DSV4_BF16, "T,D", OUT, 0, HCH(y)},
+    ARG(HCH, x_hc, "T,HC,D", IN),
+    ARG(HCH, hc_head_fn, "HC,K", IN),
+    ARG(HCH, hc_head_scale, "1", IN),
+    ARG(HCH, hc_head_base, "HC", IN),
+    ARG(HCH, y, "T,D", OUT),
     {0}};
 static const struct scalar_spec hc_head_scalars[] = {
-    {"rms_norm_eps", SC_FLOAT, HCH(rms_norm_eps), 1, 0, 0.0},
-    {"hc_eps", SC_FLOAT, HCH(hc_eps), 1, 0, 0.0},
+    SCALAR(HCH, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(HCH, hc_eps, 1, 0, 0.0),
     {0}};
 
-#define GATE(f) offsetof(struct dsv4_gate_args, f)
+#define GATE struct dsv4_gate_args
 static const struct dim_spec gate_dims[] = {
-    {"T", GATE(T)}, {"D", GATE(D)}, {"E", GATE(E)}, {"V", GATE(V)}, {"K", GATE(K)}, {0}};
+    DIM(GATE, T), DIM(GATE, D), DIM(GATE, E), DIM(GATE, V), DIM(GATE, K), {0}};
 static const struct arg_spec gate_args[] = {
-    {"x_mixed", DSV4_BF16, "T,D", IN, 0, GATE(x_mixed)},
-    {"norm_w", DSV4_BF16, "D", IN, 0, GATE(norm_w)},
-    {"gate_w", DSV4_F32, "E,D", IN, 0, GATE(gate_w)},
-    {"gate_bias", DSV4_F32, "E", IN, 0, GATE(gate_bias)},
-    {"tid2eid", DSV4_I32, "V,K", IN, 0, GATE(tid2eid)},
-    {"input_ids", DSV4_I64, "T", IN, 0, GATE(input_ids)},
-    {"x_norm", DSV4_BF16, "T,D", OUT, 0, GATE(x_norm)},
-    {"x_norm_i8", DSV4_I8, "T,D", OUT, 0, GATE(x_norm_i8)},
-    {"x_norm_scale", DSV4_F32, "T,1", OUT, 0, GATE(x_norm_scale)},
-    {"indices", DSV4_I32, "T,K", OUT, 0, GATE(indices)},
-    {"weights", DSV4_F32, "T,K", OUT, 0, GATE(weights)},
+    ARG(GATE, x_mixed, "T,D", IN),
+    ARG(GATE, norm_w, "D", IN),
+    ARG(GATE, gate_w, "E,D", IN),
+    ARG(GATE, gate_bias, "E", IN),
+    ARG(GATE, tid2eid, "V,K", IN),
+    ARG(GATE, input_ids, "T", IN),
+    ARG(GATE, x_norm, "T,D", OUT),
+    ARG(GATE, x_norm_i8, "T,D", OUT),
+    ARG(GATE, x_norm_scale, "T,1", OUT),
+    ARG(GATE, indices, "T,K", OUT),
+    ARG(GATE, weights, "T,K", OUT),
     {0}};
 static const struct scalar_spec gate_scalars[] = {
-    {"layer_id", SC_INT, GATE(layer_id), 0, 0, 0.0},
-    {"num_tokens", SC_INT, GATE(num_tokens), 0, ALL_ROWS, 0.0},
-    {"rms_norm_eps", SC_FLOAT, GATE(rms_norm_eps), 1, 0, 0.0},
-    {"num_hash_layers", SC_INT, GATE(num_hash_layers), 1, 0, 0.0},
-    {"num_experts_per_tok", SC_INT, GATE(num_experts_per_tok), 1, 0, 0.0},
-    {"routed_scaling_factor", SC_FLOAT, GATE(routed_scaling_factor), 1, 0, 0.0},
+    SCALAR(GATE, layer_id, 0, 0, 0.0),
+    SCALAR(GATE, num_tokens, 0, ALL_ROWS, 0.0),
+    SCALAR(GATE, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(GATE, num_hash_layers, 1, 0, 0.0),
+    SCALAR(GATE, num_experts_per_tok, 1, 0, 0.0),
+    SCALAR(GATE, routed_scaling_factor, 1, 0, 0.0),
     {0}};
 
-#define SHX(f) offsetof(struct dsv4_expert_shared_args, f)
-static const struct dim_spec shx_dims[] = {{"T", SHX(T)}, {"D", SHX(D)}, {"I", SHX(IE)}, {0}};
+#define SHX struct dsv4_expert_shared_args
+static const struct dim_spec shx_dims[] = {DIM(SHX, T), DIM(SHX, D), DIM_AS(SHX, "I", IE), {0}};
 static const struct arg_spec shx_args[] = {
-    {"x_local_i8", DSV4_I8, "T,D", IN, 0, SHX(x_local_i8)},
-    {"x_local_scale_dq", DSV4_F32, "T,1", IN, 0, SHX(x_local_scale_dq)},
-    {"shared_w1", DSV4_I8, "I,D", IN, 0, SHX(shared_w1)},
-    {"shared_w1_scale", DSV4_F32, "I", IN, 0, SHX(shared_w1_scale)},
-    {"shared_w3", DSV4_I8, "I,D", IN, 0, SHX(shared_w3)},
-    {"shared_w3_scale", DSV4_F32, "I", IN, 0, SHX(shared_w3_scale)},
-    {"shared_w2", DSV4_I8, "D,I", IN, 0, SHX(shared_w2)},
-    {"shared_w2_scale", DSV4_F32, "D", IN, 0, SHX(shared_w2_scale)},
-    {"sh", DSV4_BF16, "T,D", OUT, 0, SHX(sh)},
+    ARG(SHX, x_local_i8, "T,D", IN),
+    ARG(SHX, x_local_scale_dq, "T,1", IN),
+    ARG(SHX, shared_w1, "I,D", IN),
+    ARG(SHX, shared_w1_scale, "I", IN),
+    ARG(SHX, shared_w3, "I,D", IN),
+    ARG(SHX, shared_w3_scale, "I", IN),
+    ARG(SHX, shared_w2, "D,I", IN),
+    ARG(SHX, shared_w2_scale, "D", IN),
+    ARG(SHX, sh, "T,D", OUT),
     {0}};
 static const struct scalar_spec shx_scalars[] = {
-    {"swiglu_limit", SC_FLOAT, SHX(swiglu_limit), 1, 0, 0.0}, {0}};
+    SCALAR(SHX, swiglu_limit, 1, 0, 0.0), {0}};
 
-#define RTX(f) offsetof(struct dsv4_expert_routed_args, f)
+#define RTX struct dsv4_expert_routed_args
 static const struct dim_spec rtx_dims[] = {
-    {"E", RTX(E)}, {"M", RTX(M)}, {"D", RTX(D)}, {"I", RTX(IE)}, {0}};
+    DIM(RTX, E), DIM(RTX, M), DIM(RTX, D), DIM_AS(RTX, "I", IE), {0}};
 static const struct arg_spec rtx_args[] = {
-    {"recv_x", DSV4_I8, "E,M,D", IN, 0, RTX(recv_x)},
-    {"recv_scale_dq", DSV4_F32, "E,M", IN, 0, RTX(recv_scale_dq)},
-    {"recv_weights", DSV4_F32, "E,M", IN, 0, RTX(recv_weights)},
-    {"recv_expert_count", DSV4_I32, "E,1", IN, 0, RTX(recv_expert_count)},
-    {"routed_w1", DSV4_I8, "E,I,D", IN, 0, RTX(routed_w1)},
-    {"routed_w1_scale", DSV4_F32, "E,I", IN, 0, RTX(routed_w1_scale)},
-    {"routed_w3", DSV4_I8, "E,I,D", IN, 0, RTX(routed_w3)},
-    {"routed_w3_scale", DSV4_F32, "E,I", IN, 0, RTX(routed_w3_scale)},
-    {"routed_w2", DSV4_I8, "E,D,I", IN, 0, RTX(routed_w2)},
-    {"routed_w2_scale", DSV4_F32, "E,D", IN, 0, RTX(routed_w2_scale)},
-    {"recv_y", DSV4_BF16, "E,M,D", OUT, 0, RTX(recv_y)},
+    ARG(RTX, recv_x, "E,M,D", IN),
+    ARG(RTX, recv_scale_dq, "E,M", IN),
+    ARG(RTX, recv_weights, "E,M", IN),
+    ARG(RTX, recv_expert_count, "E,1", IN),
+    ARG(RTX, routed_w1, "E,I,D", IN),
+    ARG(RTX, routed_w1_scale, "E,I", IN),
+    ARG(RTX, routed_w3, "E,I,D", IN),
+    ARG(RTX, routed_w3_scale, "E,I", IN),
+    ARG(RTX, routed_w2, "E,D,I", IN),
+    ARG(RTX, routed_w2_scale, "E,D", IN),
+    ARG(RTX, recv_y, "E,M,D", OUT),
     {0}};
 static const struct scalar_spec rtx_scalars[] = {
-    {"swiglu_limit", SC_FLOAT, RTX(swiglu_limit), 1, 0, 0.0}, {0}};
+    SCALAR(RTX, swiglu_limit, 1, 0, 0.0), {0}};
 
-#define MOE(f) offsetof(struct dsv4_moe_args, f)
+#define MOE struct dsv4_moe_args
 static const struct dim_spec moe_dims[] = {
-    {"R", MOE(R)}, {"T", MOE(T)}, {"HC", MOE(HC)}, {"D", MOE(D)}, {"MIX", MOE(MIX)},
-    {"HCD", MOE(HCD)}, {"E", MOE(E)}, {"V", MOE(V)}, {"K", MOE(K)}, {"EL", MOE(EL)},
-    {"I", MOE(IE)}, {0}};
+    DIM(MOE, R), DIM(MOE, T), DIM(MOE, HC), DIM(MOE, D), DIM(MOE, MIX), DIM(MOE, HCD),
+    DIM(MOE, E), DIM(MOE, V), DIM(MOE, K), DIM(MOE, EL), DIM_AS(MOE, "I", IE), {0}};
 static const struct arg_spec moe_args[] = {
-    {"x_hc", DSV4_BF16, "R,T,HC,D", IN, 0, MOE(x_hc)},
-    {"hc_ffn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, MOE(hc_ffn_fn)},
-    {"hc_ffn_scale", DSV4_F32, "R,3", IN, 0, MOE(hc_ffn_scale)},
-    {"hc_ffn_base", DSV4_F32, "R,MIX", IN, 0, MOE(hc_ffn_base)},
-    {"norm_w", DSV4_BF16, "R,D", IN, 0, MOE(norm_w)},
-    {"gate_w", DSV4_F32, "R,E,D", IN, 0, MOE(gate_w)},
-    {"gate_bias", DSV4_F32, "R,E", IN, 0, MOE(gate_bias)},
-    {"tid2eid", DSV4_I32, "R,V,K", IN, 0, MOE(tid2eid)},
-    {"input_ids", DSV4_I64, "R,T", IN, 0, MOE(input_ids)},
-    {"routed_w1", DSV4_I8, "R,EL,I,D", IN, 0, MOE(routed_w1)},
-    {"routed_w1_scale", DSV4_F32, "R,EL,I", IN, 0, MOE(routed_w1_scale)},
-    {"routed_w3", DSV4_I8, "R,EL,I,D", IN, 0, MOE(routed_w3)},
-    {"routed_w3_scale", DSV4_F32, "R,EL,I", IN, 0, MOE(routed_w3_scale)},
-    {"routed_w2", DSV4_I8, "R,EL,D,I", IN, 0, MOE(routed_w2)},
-    {"routed_w2_scale", DSV4_F32, "R,EL,D", IN, 0, MOE(routed_w2_scale)},
-    {"shared_w1", DSV4_I8, "R,I,D", IN, 0, MOE(shared_w1)},
-    {"shared_w1_scale", DSV4_F32, "R,I", IN, 0, MOE(shared_w1_scale)},
-    {"shared_w3", DSV4_I8, "R,I,D", IN, 0, MOE(shared_w3)},
-    {"shared_w3_scale", DSV4_F32, "R,I", IN, 0, MOE(shared_w3_scale)},
-    {"shared_w2", DSV4_I8, "R,D,I", IN, 0, MOE(shared_w2)},
-    {"shared_w2_scale", DSV4_F32, "R,D", IN, 0, MOE(shared_w2_scale)},
-    {"x_next", DSV4_BF16, "R,T,HC,D", OUT, 0, MOE(x_next)},
+    ARG(MOE, x_hc, "R,T,HC,D", IN),
+    ARG(MOE, hc_ffn_fn, "R,MIX,HCD", IN),
+    ARG(MOE, hc_ffn_scale, "R,3", IN),
+    ARG(MOE, hc_ffn_base, "R,MIX", IN),
+    ARG(MOE, norm_w, "R,D", IN),
+    ARG(MOE, gate_w, "R,E,D", IN),
+    ARG(MOE, gate_bias, "R,E", IN),
+    ARG(MOE, tid2eid, "R,V,K", IN),
+    ARG(MOE, input_ids, "R,T", IN),
+    ARG(MOE, routed_w1, "R,EL,I,D", IN),
+    ARG(MOE, routed_w1_scale, "R,EL,I", IN),
+    ARG(MOE, routed_w3, "R,EL,I,D", IN),
+    ARG(MOE, routed_w3_scale, "R,EL,I", IN),
+    ARG(MOE, routed_w2, "R,EL,D,I", IN),
+    ARG(MOE, routed_w2_scale, "R,EL,D", IN),
+    ARG(MOE, shared_w1, "R,I,D", IN),
+    ARG(MOE, shared_w1_scale, "R,I", IN),
+    ARG(MOE, shared_w3, "R,I,D", IN),
+    ARG(MOE, shared_w3_scale, "R,I", IN),
+    ARG(MOE, shared_w2, "R,D,I", IN),
+    ARG(MOE, shared_w2_scale, "R,D", IN),
+    ARG(MOE, x_next, "R,T,HC,D", OUT),
     {0}};
 static const struct scalar_spec moe_scalars[] = {
-    {"layer_id", SC_INT, MOE(layer_id), 0, 0, 0.0},
-    {"num_tokens", SC_INT, MOE(num_tokens), 0, ALL_ROWS, 0.0},
-    {"rms_norm_eps", SC_FLOAT, MOE(rms_norm_eps), 1, 0, 0.0},
-    {"hc_eps", SC_FLOAT, MOE(hc_eps), 1, 0, 0.0},
-    {"hc_sinkhorn_iters", SC_INT, MOE(hc_sinkhorn_iters), 1, 0, 0.0},
-    {"num_hash_layers", SC_INT, MOE(num_hash_layers), 1, 0, 0.0},
-    {"num_experts_per_tok", SC_INT, MOE(num_experts_per_tok), 1, 0, 0.0},
-    {"routed_scaling_factor", SC_FLOAT, MOE(routed_scaling_factor), 1, 0, 0.0},
-    {"swiglu_limit", SC_FLOAT, MOE(swiglu_limit), 1, 0, 0.0},
+    SCALAR(MOE, layer_id, 0, 0, 0.0),
+    SCALAR(MOE, num_tokens, 0, ALL_ROWS, 0.0),
+    SCALAR(MOE, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(MOE, hc_eps, 1, 0, 0.0),
+    SCALAR(MOE, hc_sinkhorn_iters, 1, 0, 0.0),
+    SCALAR(MOE, num_hash_layers, 1, 0, 0.0),
+    SCALAR(MOE, num_experts_per_tok, 1, 0, 0.0),
+    SCALAR(MOE, routed_scaling_factor, 1, 0, 0.0),
+    SCALAR(MOE, swiglu_limit, 1, 0, 0.0),
     {0}};
 
-#define ATT(f) offsetof(struct dsv4_sparse_attn_args, f)
+#define ATT struct dsv4_sparse_attn_args
 static const struct dim_spec attn_dims[] = {
-    {"T", ATT(T)}, {"H", ATT(H)}, {"HD", ATT(HD)}, {"OB", ATT(OB)}, {"BLOCK", ATT(BLOCK)},
-    {"OM", ATT(OM)}, {"B", ATT(B)}, {"CB", ATT(CB)}, {"CM", ATT(CM)}, {"K", ATT(K)},
-    {"RW", ATT(RW)}, {"G", ATT(G)}, {"OL", ATT(OL)}, {"OGI", ATT(OGI)}, {"D", ATT(D)},
-    {"GOL", ATT(GOL)}, {0}};
-#define ATTN_TAIL                                                                  \
-    {"attn_sink", DSV4_F32, "H", IN, 0, ATT(attn_sink)},                           \
-    {"freqs_cos", DSV4_BF16, "T,RW", IN, 0, ATT(freqs_cos)},                       \
-    {"freqs_sin", DSV4_BF16, "T,RW", IN, 0, ATT(freqs_sin)},                       \
-    {"wo_a", DSV4_BF16, "G,OL,OGI", IN, 0, ATT(wo_a)},                             \
-    {"wo_b", DSV4_I8, "D,GOL", IN, 0, ATT(wo_b)},                                  \
-    {"wo_b_scale", DSV4_F32, "D", IN, 0, ATT(wo_b_scale)}
+    DIM(ATT, T), DIM(ATT, H), DIM(ATT, HD), DIM(ATT, OB), DIM(ATT, BLOCK), DIM(ATT, OM),
+    DIM(ATT, B), DIM(ATT, CB), DIM(ATT, CM), DIM(ATT, K), DIM(ATT, RW), DIM(ATT, G),
+    DIM(ATT, OL), DIM(ATT, OGI), DIM(ATT, D), DIM(ATT, GOL), {0}};
+#define ATTN_TAIL                                                                    \
+    ARG(ATT, attn_sink, "H", IN),                                                    \
+    ARG(ATT, freqs_cos, "T,RW", IN),                                                 \
+    ARG(ATT, freqs_sin, "T,RW", IN),                                                 \
+    ARG(ATT, wo_a, "G,OL,OGI", IN),                                                  \
+    ARG(ATT, wo_b, "D,GOL", IN),                                                     \
+    ARG(ATT, wo_b_scale, "D", IN)
 static const struct arg_spec prefill_attn_args[] = {
-    {"q", DSV4_BF16, "T,H,HD", IN, 0, ATT(q)},
-    {"ori_kv", DSV4_BF16, "OB,BLOCK,1,HD", IN, 0, ATT(ori_kv)},
-    {"ori_block_table", DSV4_I32, "OM", IN, 0, ATT(ori_block_table)},
-    {"kv_overlay", DSV4_BF16, "T,HD", IN, 0, ATT(kv_overlay)},
-    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", IN, 0, ATT(cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "CM", IN, 0, ATT(cmp_block_table)},
-    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
-    {"cmp_sparse_lens", DSV4_I32, "T", IN, 0, ATT(cmp_sparse_lens)},
+    ARG(ATT, q, "T,H,HD", IN),
+    ARG(ATT, ori_kv, "OB,BLOCK,1,HD", IN),
+    ARG(ATT, ori_block_table, "OM", IN),
+    ARG(ATT, kv_overlay, "T,HD", IN),
+    ARG(ATT, cmp_kv, "CB,BLOCK,1,HD", IN),
+    ARG(ATT, cmp_block_table, "CM", IN),
+    ARG(ATT, cmp_sparse_indices, "T,K", IN),
+    ARG(ATT, cmp_sparse_lens, "T", IN),
     ATTN_TAIL,
-    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    ARG(ATT, attn_out, "T,D", OUT),
     {0}};
-#define DECODE_HEAD                                                                \
-    {"q", DSV4_BF16, "T,H,HD", IN, 0, ATT(q)},                                     \
-    {"ori_kv", DSV4_BF16, "OB,BLOCK,1,HD", IN, 0, ATT(ori_kv)},                    \
-    {"ori_block_table", DSV4_I32, "B,OM", IN, 0, ATT(ori_block_table)},            \
-    {"mtp_kv_overlay", DSV4_BF16, "T,HD", IN, 0, ATT(kv_overlay)}
+#define DECODE_HEAD                                                                  \
+    ARG(ATT, q, "T,H,HD", IN),                                                       \
+    ARG(ATT, ori_kv, "OB,BLOCK,1,HD", IN),                                           \
+    ARG(ATT, ori_block_table, "B,OM", IN),                                           \
+    ARG_AS(ATT, "mtp_kv_overlay", kv_overlay, "T,HD", IN)
 static const struct arg_spec decode_attn_args[] = {
     DECODE_HEAD,
-    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", IN, 0, ATT(cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, ATT(cmp_block_table)},
-    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
+    ARG(ATT, cmp_kv, "CB,BLOCK,1,HD", IN),
+    ARG(ATT, cmp_block_table, "B,CM", IN),
+    ARG(ATT, cmp_sparse_indices, "T,K", IN),
     {"valid_block_mask", DSV4_I32, "T,_", UNUSED, OPTIONAL, 0},
     ATTN_TAIL,
-    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    ARG(ATT, attn_out, "T,D", OUT),
     {0}};
 static const struct arg_spec hca_attn_args[] = {
     DECODE_HEAD,
-    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", IN, 0, ATT(cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, ATT(cmp_block_table)},
-    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
+    ARG(ATT, cmp_kv, "CB,BLOCK,1,HD", IN),
+    ARG(ATT, cmp_block_table, "B,CM", IN),
+    ARG(ATT, cmp_sparse_indices, "T,K", IN),
     ATTN_TAIL,
-    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    ARG(ATT, attn_out, "T,D", OUT),
     {0}};
 static const struct arg_spec swa_attn_args[] = {
     DECODE_HEAD,
     {"cmp_kv", DSV4_BF16, "_,_,_,_", UNUSED, OPTIONAL, 0},
     {"cmp_block_table", DSV4_I32, "_,_", UNUSED, OPTIONAL, 0},
-    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, ATT(cmp_sparse_indices)},
+    ARG(ATT, cmp_sparse_indices, "T,K", IN),
     {"win_bias", DSV4_F32, "T,_", UNUSED, OPTIONAL, 0},
     ATTN_TAIL,
-    {"attn_out", DSV4_BF16, "T,D", OUT, 0, ATT(attn_out)},
+    ARG(ATT, attn_out, "T,D", OUT),
     {0}};
 static const struct scalar_spec prefill_attn_scalars[] = {
-    {"num_tokens", SC_INT, ATT(num_tokens), 0, ALL_ROWS, 0.0},
-    {"sliding_window", SC_INT, ATT(sliding_window), 1, 0, 0.0},
-    {"index_topk", SC_INT, ATT(index_topk), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, ATT(qk_rope_head_dim), 1, 0, 0.0},
+    SCALAR(ATT, num_tokens, 0, ALL_ROWS, 0.0),
+    SCALAR(ATT, sliding_window, 1, 0, 0.0),
+    SCALAR(ATT, index_topk, 1, 0, 0.0),
+    SCALAR(ATT, qk_rope_head_dim, 1, 0, 0.0),
     {0}};
 static const struct scalar_spec decode_attn_scalars[] = {
-    {"sliding_window", SC_INT, ATT(sliding_window), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, ATT(qk_rope_head_dim), 1, 0, 0.0},
+    SCALAR(ATT, sliding_window, 1, 0, 0.0),
+    SCALAR(ATT, qk_rope_head_dim, 1, 0, 0.0),
     {0}};
 
-#define DCP(f) offsetof(struct dsv4_decode_compressor_args, f)
+#define DCP struct dsv4_decode_compressor_args
 static const struct dim_spec dcp_dims[] = {
-    {"B", DCP(B)}, {"S", DCP(S)}, {"D", DCP(D)}, {"HD", DCP(HD)}, {"OD", DCP(OD)},
-    {"NB", DCP(NB)}, {"PAGE", DCP(PAGE)}, {"SW", DCP(SW)}, {"NP", DCP(NP)}, {"R", DCP(R)},
-    {"R2", DCP(R2)}, {"NC", DCP(NC)}, {"CBLK", DCP(CBLK)}, {0}};
+    DIM(DCP, B), DIM(DCP, S), DIM(DCP, D), DIM(DCP, HD), DIM(DCP, OD), DIM(DCP, NB),
+    DIM(DCP, PAGE), DIM(DCP, SW), DIM(DCP, NP), DIM(DCP, R), DIM(DCP, R2), DIM(DCP, NC),
+    DIM(DCP, CBLK), {0}};
 static const struct arg_spec dcp_args[] = {
-    {"x", DSV4_BF16, "B,S,D", IN, 0, DCP(x)},
-    {"kv", DSV4_F32, "B,S,HD", OUT, 0, DCP(kv)},
-    {"compress_state", DSV4_F32, "NB,PAGE,SW", INOUT, 0, DCP(compress_state)},
-    {"compress_state_block_table", DSV4_I32, "B,NP", IN, 0, DCP(compress_state_block_table)},
-    {"wkv", DSV4_BF16, "OD,D", IN, 0, DCP(wkv)},
-    {"wgate", DSV4_BF16, "OD,D", IN, 0, DCP(wgate)},
-    {"ape", DSV4_F32, "R,OD", IN, 0, DCP(ape)},
-    {"norm_w", DSV4_BF16, "HD", IN, 0, DCP(norm_w)},
-    {"cos", DSV4_F32, "B,R2", IN, 0, DCP(cos)},
-    {"sin", DSV4_F32, "B,R2", IN, 0, DCP(sin)},
-    {"cmp_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, DCP(cmp_kv_cache)},
-    {"position_ids", DSV4_I32, "B,S", IN, 0, DCP(position_ids)},
-    {"cmp_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(cmp_slot_mapping)},
-    {"state_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(state_slot_mapping)},
+    ARG(DCP, x, "B,S,D", IN),
+    ARG(DCP, kv, "B,S,HD", OUT),
+    ARG(DCP, compress_state, "NB,PAGE,SW", INOUT),
+    ARG(DCP, compress_state_block_table, "B,NP", IN),
+    ARG(DCP, wkv, "OD,D", IN),
+    ARG(DCP, wgate, "OD,D", IN),
+    ARG(DCP, ape, "R,OD", IN),
+    ARG(DCP, norm_w, "HD", IN),
+    ARG(DCP, cos, "B,R2", IN),
+    ARG(DCP, sin, "B,R2", IN),
+    ARG(DCP, cmp_kv_cache, "NC,CBLK,1,HD", INOUT),
+    ARG(DCP, position_ids, "B,S", IN),
+    ARG(DCP, cmp_slot_mapping, "B,S", IN),
+    ARG(DCP, state_slot_mapping, "B,S", IN),
     {0}};
 static const struct scalar_spec dcp_scalars[] = {
-    {"rms_norm_eps", SC_FLOAT, DCP(rms_norm_eps), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, DCP(qk_rope_head_dim), 1, 0, 0.0},
+    SCALAR(DCP, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(DCP, qk_rope_head_dim, 1, 0, 0.0),
     {0}};
 
-#define PCP(f) offsetof(struct dsv4_prefill_compressor_args, f)
+#define PCP struct dsv4_prefill_compressor_args
 static const struct dim_spec pcp_dims[] = {
-    {"T", PCP(T)}, {"D", PCP(D)}, {"OD", PCP(OD)}, {"HD", PCP(HD)}, {"NB", PCP(NB)},
-    {"PAGE", PCP(PAGE)}, {"NP", PCP(NP)}, {"R", PCP(R)}, {"MAXS", PCP(MAXS)}, {"RW", PCP(RW)},
-    {"NC", PCP(NC)}, {"CBLK", PCP(CBLK)}, {0}};
+    DIM(PCP, T), DIM(PCP, D), DIM(PCP, OD), DIM(PCP, HD), DIM(PCP, NB), DIM(PCP, PAGE),
+    DIM(PCP, NP), DIM(PCP, R), DIM(PCP, MAXS), DIM(PCP, RW), DIM(PCP, NC), DIM(PCP, CBLK), {0}};
 static const struct arg_spec pcp_args[] = {
-    {"x", DSV4_BF16, "T,D", IN, 0, PCP(x)},
-    {"kv_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(kv_state)},
-    {"score_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(score_state)},
-    {"compress_state_block_table", DSV4_I32, "NP", IN, 0, PCP(compress_state_block_table)},
-    {"wkv", DSV4_BF16, "OD,D", IN, 0, PCP(wkv)},
-    {"wgate", DSV4_BF16, "OD,D", IN, 0, PCP(wgate)},
-    {"ape", DSV4_F32, "R,OD", IN, 0, PCP(ape)},
-    {"norm_w", DSV4_BF16, "HD", IN, 0, PCP(norm_w)},
-    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_cos)},
-    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_sin)},
-    {"cmp_kv", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, PCP(cmp_kv)},
-    {"position_ids", DSV4_I32, "T", IN, 0, PCP(position_ids)},
-    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, PCP(cmp_slot_mapping)},
-    {"state_slot_mapping", DSV4_I64, "T", IN, 0, PCP(state_slot_mapping)},
+    ARG(PCP, x, "T,D", IN),
+    ARG(PCP, kv_state, "NB,PAGE,OD", INOUT),
+    ARG(PCP, score_state, "NB,PAGE,OD", INOUT),
+    ARG(PCP, compress_state_block_table, "NP", IN),
+    ARG(PCP, wkv, "OD,D", IN),
+    ARG(PCP, wgate, "OD,D", IN),
+    ARG(PCP, ape, "R,OD", IN),
+    ARG(PCP, norm_w, "HD", IN),
+    ARG(PCP, freqs_cos, "MAXS,RW", IN),
+    ARG(PCP, freqs_sin, "MAXS,RW", IN),
+    ARG(PCP, cmp_kv, "NC,CBLK,1,HD", INOUT),
+    ARG(PCP, position_ids, "T", IN),
+    ARG(PCP, cmp_slot_mapping, "T", IN),
+    ARG(PCP, state_slot_mapping, "T", IN),
     {0}};
 static const struct scalar_spec pcp_scalars[] = {
-    {"num_tokens", SC_INT, PCP(num_tokens), 0, ALL_ROWS, 0.0},
-    {"rms_norm_eps", SC_FLOAT, PCP(rms_norm_eps), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, PCP(qk_rope_head_dim), 1, 0, 0.0},
+    SCALAR(PCP, num_tokens, 0, ALL_ROWS, 0.0),
+    SCALAR(PCP, rms_norm_eps, 1, 0, 0.0),
+    SCALAR(PCP, qk_rope_head_dim, 1, 0, 0.0),
     {0}};
 
 static const struct arg_spec dic_args[] = {
-    {"x", DSV4_BF16, "B,S,D", IN, 0, DCP(x)},
-    {"kv", DSV4_F32, "B,S,HD", OUT, 0, DCP(kv)},
-    {"compress_state", DSV4_F32, "NB,PAGE,SW", INOUT, 0, DCP(compress_state)},
-    {"compress_state_block_table", DSV4_I32, "B,NP", IN, 0, DCP(compress_state_block_table)},
-    {"wkv", DSV4_BF16, "OD,D", IN, 0, DCP(wkv)},
-    {"wgate", DSV4_BF16, "OD,D", IN, 0, DCP(wgate)},
-    {"ape", DSV4_F32, "R,OD", IN, 0, DCP(ape)},
-    {"norm_w", DSV4_BF16, "HD", IN, 0, DCP(norm_w)},
-    {"cos", DSV4_F32, "B,R2", IN, 0, DCP(cos)},
-    {"sin", DSV4_F32, "B,R2", IN, 0, DCP(sin)},
-    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, DCP(hadamard)},
-    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, DCP(cmp_kv_cache)},
-    {"position_ids", DSV4_I32, "B,S", IN, 0, DCP(position_ids)},
-    {"idx_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(cmp_slot_mapping)},
-    {"inner_state_slot_mapping", DSV4_I64, "B,S", IN, 0, DCP(state_slot_mapping)},
+    ARG(DCP, x, "B,S,D", IN),
+    ARG(DCP, kv, "B,S,HD", OUT),
+    ARG(DCP, compress_state, "NB,PAGE,SW", INOUT),
+    ARG(DCP, compress_state_block_table, "B,NP", IN),
+    ARG(DCP, wkv, "OD,D", IN),
+    ARG(DCP, wgate, "OD,D", IN),
+    ARG(DCP, ape, "R,OD", IN),
+    ARG(DCP, norm_w, "HD", IN),
+    ARG(DCP, cos, "B,R2", IN),
+    ARG(DCP, sin, "B,R2", IN),
+    ARG(DCP, hadamard, "HD,HD", IN),
+    ARG_AS(DCP, "idx_kv_cache", cmp_kv_cache, "NC,CBLK,1,HD", INOUT),
+    ARG(DCP, position_ids, "B,S", IN),
+    ARG_AS(DCP, "idx_slot_mapping", cmp_slot_mapping, "B,S", IN),
+    ARG_AS(DCP, "inner_state_slot_mapping", state_slot_mapping, "B,S", IN),
     {0}};
 static const struct dim_spec pic_dims[] = {
-    {"T", PCP(T)}, {"D", PCP(D)}, {"OD", PCP(OD)}, {"HD", PCP(HD)}, {"NB", PCP(NB)},
-    {"PAGE", PCP(PAGE)}, {"NP", PCP(NP)}, {"R", PCP(R)}, {"MAXS", PCP(MAXS)}, {"RW", PCP(RW)},
-    {"NC", PCP(NC)}, {"CBLK", PCP(CBLK)}, {"W", PCP(W)}, {0}};
+    DIM(PCP, T), DIM(PCP, D), DIM(PCP, OD), DIM(PCP, HD), DIM(PCP, NB), DIM(PCP, PAGE),
+    DIM(PCP, NP), DIM(PCP, R), DIM(PCP, MAXS), DIM(PCP, RW), DIM(PCP, NC), DIM(PCP, CBLK),
+    DIM(PCP, W), {0}};
 static const struct arg_spec pic_args[] = {
-    {"x", DSV4_BF16, "T,D", IN, 0, PCP(x)},
-    {"kv", DSV4_BF16, "W,HD", OUT, 0, PCP(kv_out)},
-    {"kv_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(kv_state)},
-    {"score_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PCP(score_state)},
-    {"inner_compress_state_block_table", DSV4_I32, "NP", IN, 0, PCP(compress_state_block_table)},
-    {"wkv", DSV4_BF16, "OD,D", IN, 0, PCP(wkv)},
-    {"wgate", DSV4_BF16, "OD,D", IN, 0, PCP(wgate)},
-    {"ape", DSV4_F32, "R,OD", IN, 0, PCP(ape)},
-    {"norm_w", DSV4_BF16, "HD", IN, 0, PCP(norm_w)},
-    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_cos)},
-    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, PCP(freqs_sin)},
-    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, PCP(hadamard)},
-    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, PCP(cmp_kv)},
+    ARG(PCP, x, "T,D", IN),
+    ARG_AS(PCP, "kv", kv_out, "W,HD", OUT),
+    ARG(PCP, kv_state, "NB,PAGE,OD", INOUT),
+    ARG(PCP, score_state, "NB,PAGE,OD", INOUT),
+    ARG_AS(PCP, "inner_compress_state_block_table", compress_state_block_table, "NP", IN),
+    ARG(PCP, wkv, "OD,D", IN),
+    ARG(PCP, wgate, "OD,D", IN),
+    ARG(PCP, ape, "R,OD", IN),
+    ARG(PCP, norm_w, "HD", IN),
+    ARG(PCP, freqs_cos, "MAXS,RW", IN),
+    ARG(PCP, freqs_sin, "MAXS,RW", IN),
+    ARG(PCP, hadamard, "HD,HD", IN),
+    ARG_AS(PCP, "idx_kv_cache", cmp_kv, "NC,CBLK,1,HD", INOUT),
     {"idx_block_table", DSV4_I32, "_", UNUSED, 0, 0},
-    {"position_ids", DSV4_I32, "T", IN, 0, PCP(position_ids)},
-    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, PCP(cmp_slot_mapping)},
-    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, PCP(state_slot_mapping)},
+    ARG(PCP, position_ids, "T", IN),
+    ARG_AS(PCP, "idx_slot_mapping", cmp_slot_mapping, "T", IN),
+    ARG_AS(PCP, "inner_state_slot_mapping", state_slot_mapping, "T", IN),
     {0}};
 
-#define DIX(f) offsetof(struct dsv4_decode_indexer_args, f)
+#define DIX struct dsv4_decode_indexer_args
 static const struct dim_spec dix_dims[] = {
-    {"B", DIX(c.B)}, {"S", DIX(c.S)}, {"D", DIX(c.D)}, {"HD", DIX(c.HD)}, {"OD", DIX(c.OD)},
-    {"NB", DIX(c.NB)}, {"PAGE", DIX(c.PAGE)}, {"SW", DIX(c.SW)}, {"NP", DIX(c.NP)},
-    {"R", DIX(c.R)}, {"R2", DIX(c.R2)}, {"NC", DIX(c.NC)}, {"CBLK", DIX(c.CBLK)},
-    {"N", DIX(q.N)}, {"QL", DIX(q.QL)}, {"HHD", DIX(q.HHD)}, {"H", DIX(q.H)},
-    {"NBT", DIX(q.NBT)}, {"SL", DIX(q.SL)}, {0}};
+    DIM_IN(DIX, c, B), DIM_IN(DIX, c, S), DIM_IN(DIX, c, D), DIM_IN(DIX, c, HD),
+    DIM_IN(DIX, c, OD), DIM_IN(DIX, c, NB), DIM_IN(DIX, c, PAGE), DIM_IN(DIX, c, SW),
+    DIM_IN(DIX, c, NP), DIM_IN(DIX, c, R), DIM_IN(DIX, c, R2), DIM_IN(DIX, c, NC),
+    DIM_IN(DIX, c, CBLK),
+    DIM_IN(DIX, q, N), DIM_IN(DIX, q, QL), DIM_IN(DIX, q, HHD), DIM_IN(DIX, q, H),
+    DIM_IN(DIX, q, NBT), DIM_IN(DIX, q, SL), {0}};
 static const struct arg_spec dix_args[] = {
-    {"x", DSV4_BF16, "B,S,D", IN, 0, DIX(c.x)},
-    {"qr", DSV4_I8, "N,QL", IN, 0, DIX(q.qr)},
-    {"qr_scale", DSV4_F32, "N,1", IN, 0, DIX(q.qr_scale)},
-    {"wq_b", DSV4_I8, "QL,HHD", IN, 0, DIX(q.wq_b)},
-    {"wq_b_scale", DSV4_F32, "HHD", IN, 0, DIX(q.wq_b_scale)},
-    {"weights_proj", DSV4_BF16, "D,H", IN, 0, DIX(q.weights_proj)},
-    {"cos", DSV4_F32, "B,R2", IN, 0, DIX(c.cos)},
-    {"sin", DSV4_F32, "B,R2", IN, 0, DIX(c.sin)},
-    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, DIX(c.hadamard)},
-    {"inner_kv", DSV4_F32, "B,S,HD", INOUT, 0, DIX(c.kv)},
-    {"inner_compress_state", DSV4_F32, "NB,PAGE,SW", INOUT, 0, DIX(c.compress_state)},
-    {"inner_compress_state_block_table", DSV4_I32, "B,NP", IN, 0, DIX(c.compress_state_block_table)},
-    {"inner_wkv", DSV4_BF16, "OD,D", IN, 0, DIX(c.wkv)},
-    {"inner_wgate", DSV4_BF16, "OD,D", IN, 0, DIX(c.wgate)},
-    {"inner_ape", DSV4_F32, "R,OD", IN, 0, DIX(c.ape)},
-    {"inner_norm_w", DSV4_BF16, "HD", IN, 0, DIX(c.norm_w)},
-    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, DIX(c.cmp_kv_cache)},
-    {"idx_block_table", DSV4_I32, "B,NBT", IN, 0, DIX(q.idx_block_table)},
-    {"score", DSV4_F32, "B,S,SL", OUT, 0, DIX(q.score)},
-    {"topk_idxs", DSV4_I32, "B,S,SL", OUT, 0, DIX(q.topk_idxs)},
-    {"position_ids", DSV4_I32, "B,S", IN, 0, DIX(c.position_ids)},
-    {"idx_slot_mapping", DSV4_I64, "B,S", IN, 0, DIX(c.cmp_slot_mapping)},
-    {"inner_state_slot_mapping", DSV4_I64, "B,S", IN, 0, DIX(c.state_slot_mapping)},
-    {"kv_seq_lens", DSV4_I32, "B", IN, 0, DIX(q.kv_seq_lens)},
+    ARG_IN(DIX, c, x, "B,S,D", IN),
+    ARG_IN(DIX, q, qr, "N,QL", IN),
+    ARG_IN(DIX, q, qr_scale, "N,1", IN),
+    ARG_IN(DIX, q, wq_b, "QL,HHD", IN),
+    ARG_IN(DIX, q, wq_b_scale, "HHD", IN),
+    ARG_IN(DIX, q, weights_proj, "D,H", IN),
+    ARG_IN(DIX, c, cos, "B,R2", IN),
+    ARG_IN(DIX, c, sin, "B,R2", IN),
+    ARG_IN(DIX, c, hadamard, "HD,HD", IN),
+    ARG_AS(DIX, "inner_kv", c.kv, "B,S,HD", INOUT),
+    ARG_AS(DIX, "inner_compress_state", c.compress_state, "NB,PAGE,SW", INOUT),
+    ARG_AS(DIX, "inner_compress_state_block_table", c.compress_state_block_table, "B,NP", IN),
+    ARG_AS(DIX, "inner_wkv", c.wkv, "OD,D", IN),
+    ARG_AS(DIX, "inner_wgate", c.wgate, "OD,D", IN),
+    ARG_AS(DIX, "inner_ape", c.ape, "R,OD", IN),
+    ARG_AS(DIX, "inner_norm_w", c.norm_w, "HD", IN),
+    ARG_AS(DIX, "idx_kv_cache", c.cmp_kv_cache, "NC,CBLK,1,HD", INOUT),
+    ARG_IN(DIX, q, idx_block_table, "B,NBT", IN),
+    ARG_IN(DIX, q, score, "B,S,SL", OUT),
+    ARG_IN(DIX, q, topk_idxs, "B,S,SL", OUT),
+    ARG_IN(DIX, c, position_ids, "B,S", IN),
+    ARG_AS(DIX, "idx_slot_mapping", c.cmp_slot_mapping, "B,S", IN),
+    ARG_AS(DIX, "inner_state_slot_mapping", c.state_slot_mapping, "B,S", IN),
+    ARG_IN(DIX, q, kv_seq_lens, "B", IN),
     {0}};
 static const struct scalar_spec dix_scalars[] = {
-    {"offset", SC_INT, DIX(q.offset), 0, 1, 128.0},
-    {"rms_norm_eps", SC_FLOAT, DIX(c.rms_norm_eps), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, DIX(c.qk_rope_head_dim), 1, 0, 0.0},
-    {"index_topk", SC_INT, DIX(q.index_topk), 1, 0, 0.0},
-    {"index_n_heads", SC_INT, DIX(q.index_n_heads), 1, 0, 0.0},
-    {"index_head_dim", SC_INT, DIX(q.index_head_dim), 1, 0, 0.0},
-    {"index_weights_scale", SC_FLOAT, DIX(q.index_weights_scale), 1, 0, 0.0},
-    {"max_position_embeddings", SC_INT, DIX(q.max_position_embeddings), 1, 0, 0.0},
+    SCALAR_IN(DIX, q, offset, 0, 1, 128.0),
+    SCALAR_IN(DIX, c, rms_norm_eps, 1, 0, 0.0),
+    SCALAR_IN(DIX, c, qk_rope_head_dim, 1, 0, 0.0),
+    SCALAR_IN(DIX, q, index_topk, 1, 0, 0.0),
+    SCALAR_IN(DIX, q, index_n_heads, 1, 0, 0.0),
+    SCALAR_IN(DIX, q, index_head_dim, 1, 0, 0.0),
+    SCALAR_IN(DIX, q, index_weights_scale, 1, 0, 0.0),
+    SCALAR_IN(DIX, q, max_position_embeddings, 1, 0, 0.0),
     {0}};
 
-#define PIX(f) offsetof(struct dsv4_prefill_indexer_args, f)
+#define PIX struct dsv4_prefill_indexer_args
 static const struct dim_spec pix_dims[] = {
-    {"T", PIX(c.T)}, {"D", PIX(c.D)}, {"OD", PIX(c.OD)}, {"HD", PIX(c.HD)}, {"NB", PIX(c.NB)},
-    {"PAGE", PIX(c.PAGE)}, {"NP", PIX(c.NP)}, {"R", PIX(c.R)}, {"MAXS", PIX(c.MAXS)},
-    {"RW", PIX(c.RW)}, {"NC", PIX(c.NC)}, {"CBLK", PIX(c.CBLK)},
-    {"N", PIX(q.N)}, {"QL", PIX(q.QL)}, {"HHD", PIX(q.HHD)}, {"H", PIX(q.H)},
-    {"R2", PIX(q.R2q)}, {"NBT", PIX(q.NBT)}, {"SL", PIX(q.SL)}, {0}};
+    DIM_IN(PIX, c, T), DIM_IN(PIX, c, D), DIM_IN(PIX, c, OD), DIM_IN(PIX, c, HD),
+    DIM_IN(PIX, c, NB), DIM_IN(PIX, c, PAGE), DIM_IN(PIX, c, NP), DIM_IN(PIX, c, R),
+    DIM_IN(PIX, c, MAXS), DIM_IN(PIX, c, RW), DIM_IN(PIX, c, NC), DIM_IN(PIX, c, CBLK),
+    DIM_IN(PIX, q, N), DIM_IN(PIX, q, QL), DIM_IN(PIX, q, HHD), DIM_IN(PIX, q, H),
+    DIM_AS(PIX, "R2", q.R2q), DIM_IN(PIX, q, NBT), DIM_IN(PIX, q, SL), {0}};
 static const struct arg_spec pix_args[] = {
-    {"x", DSV4_BF16, "T,D", IN, 0, PIX(c.x)},
-    {"qr", DSV4_I8, "N,QL", IN, 0, PIX(q.qr)},
-    {"qr_scale", DSV4_F32, "N,1", IN, 0, PIX(q.qr_scale)},
-    {"wq_b", DSV4_I8, "QL,HHD", IN, 0, PIX(q.wq_b)},
-    {"wq_b_scale", DSV4_F32, "HHD", IN, 0, PIX(q.wq_b_scale)},
-    {"weights_proj", DSV4_BF16, "D,H", IN, 0, PIX(q.weights_proj)},
-    {"cos", DSV4_F32, "N,R2", IN, 0, PIX(q.cos)},
-    {"sin", DSV4_F32, "N,R2", IN, 0, PIX(q.sin)},
-    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, PIX(c.freqs_cos)},
-    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, PIX(c.freqs_sin)},
-    {"hadamard", DSV4_BF16, "HD,HD", IN, 0, PIX(c.hadamard)},
-    {"inner_kv_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PIX(c.kv_state)},
-    {"inner_score_state", DSV4_F32, "NB,PAGE,OD", INOUT, 0, PIX(c.score_state)},
-    {"inner_compress_state_block_table", DSV4_I32, "NP", IN, 0, PIX(c.compress_state_block_table)},
-    {"inner_wkv", DSV4_BF16, "OD,D", IN, 0, PIX(c.wkv)},
-    {"inner_wgate", DSV4_BF16, "OD,D", IN, 0, PIX(c.wgate)},
-    {"inner_ape", DSV4_F32, "R,OD", IN, 0, PIX(c.ape)},
-    {"inner_norm_w", DSV4_BF16, "HD", IN, 0, PIX(c.norm_w)},
-    {"idx_kv_cache", DSV4_BF16, "NC,CBLK,1,HD", INOUT, 0, PIX(c.cmp_kv)},
-    {"idx_block_table", DSV4_I32, "NBT", IN, 0, PIX(q.idx_block_table)},
-    {"score", DSV4_F32, "T,SL", OUT, 0, PIX(q.score)},
-    {"topk_idxs", DSV4_I32, "T,SL", OUT, 0, PIX(q.topk_idxs)},
-    {"position_ids", DSV4_I32, "T", IN, 0, PIX(c.position_ids)},
-    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, PIX(c.cmp_slot_mapping)},
-    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, PIX(c.state_slot_mapping)},
+    ARG_IN(PIX, c, x, "T,D", IN),
+    ARG_IN(PIX, q, qr, "N,QL", IN),
+    ARG_IN(PIX, q, qr_scale, "N,1", IN),
+    ARG_IN(PIX, q, wq_b, "QL,HHD", IN),
+    ARG_IN(PIX, q, wq_b_scale, "HHD", IN),
+    ARG_IN(PIX, q, weights_proj, "D,H", IN),
+    ARG_IN(PIX, q, cos, "N,R2", IN),
+    ARG_IN(PIX, q, sin, "N,R2", IN),
+    ARG_IN(PIX, c, freqs_cos, "MAXS,RW", IN),
+    ARG_IN(PIX, c, freqs_sin, "MAXS,RW", IN),
+    ARG_IN(PIX, c, hadamard, "HD,HD", IN),
+    ARG_AS(PIX, "inner_kv_state", c.kv_state, "NB,PAGE,OD", INOUT),
+    ARG_AS(PIX, "inner_score_state", c.score_state, "NB,PAGE,OD", INOUT),
+    ARG_AS(PIX, "inner_compress_state_block_table", c.compress_state_block_table, "NP", IN),
+    ARG_AS(PIX, "inner_wkv", c.wkv, "OD,D", IN),
+    ARG_AS(PIX, "inner_wgate", c.wgate, "OD,D", IN),
+    ARG_AS(PIX, "inner_ape", c.ape, "R,OD", IN),
+    ARG_AS(PIX, "inner_norm_w", c.norm_w, "HD", IN),
+    ARG_AS(PIX, "idx_kv_cache", c.cmp_kv, "NC,CBLK,1,HD", INOUT),
+    ARG_IN(PIX, q, idx_block_table, "NBT", IN),
+    ARG_IN(PIX, q, score, "T,SL", OUT),
+    ARG_IN(PIX, q, topk_idxs, "T,SL", OUT),
+    ARG_IN(PIX, c, position_ids, "T", IN),
+    ARG_AS(PIX, "idx_slot_mapping", c.cmp_slot_mapping, "T", IN),
+    ARG_AS(PIX, "inner_state_slot_mapping", c.state_slot_mapping, "T", IN),
     {0}};
 static const struct scalar_spec pix_scalars[] = {
-    {"num_tokens", SC_INT, PIX(c.num_tokens), 0, ALL_ROWS, 0.0},
-    {"rms_norm_eps", SC_FLOAT, PIX(c.rms_norm_eps), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, PIX(c.qk_rope_head_dim), 1, 0, 0.0},
-    {"index_topk", SC_INT, PIX(q.index_topk), 1, 0, 0.0},
-    {"index_n_heads", SC_INT, PIX(q.index_n_heads), 1, 0, 0.0},
-    {"index_head_dim", SC_INT, PIX(q.index_head_dim), 1, 0, 0.0},
-    {"index_weights_scale", SC_FLOAT, PIX(q.index_weights_scale), 1, 0, 0.0},
-    {"sliding_window", SC_INT, PIX(q.sliding_window), 1, 0, 0.0},
+    SCALAR_IN(PIX, c, num_tokens, 0, ALL_ROWS, 0.0),
+    SCALAR_IN(PIX, c, rms_norm_eps, 1, 0, 0.0),
+    SCALAR_IN(PIX, c, qk_rope_head_dim, 1, 0, 0.0),
+    SCALAR_IN(PIX, q, index_topk, 1, 0, 0.0),
+    SCALAR_IN(PIX, q, index_n_heads, 1, 0, 0.0),
+    SCALAR_IN(PIX, q, index_head_dim, 1, 0, 0.0),
+    SCALAR_IN(PIX, q, index_weights_scale, 1, 0, 0.0),
+    SCALAR_IN(PIX, q, sliding_window, 1, 0, 0.0),
     {0}};
 
-#define BLK(f) offsetof(struct dsv4_attention_block_args, f)
+#define BLK struct dsv4_attention_block_args
 static const struct dim_spec block_dims[] = {
-    {"T", BLK(T)}, {"HC", BLK(HC)}, {"D", BLK(D)}, {"MIX", BLK(MIX)}, {"HCD", BLK(HCD)},
-    {"HC2", BLK(HC2)}, {"Q", BLK(Q)}, {"HHD", BLK(HHD)}, {"HD", BLK(HD)}, {"H", BLK(H)},
-    {"MAXS", BLK(MAXS)}, {"RW", BLK(RW)}, {"COD", BLK(COD)}, {"CR", BLK(CR)}, {"CNB", BLK(CNB)},
-    {"CPAGE", BLK(CPAGE)}, {"CSW", BLK(CSW)}, {"CNP", BLK(CNP)}, {"IHHD", BLK(IHHD)},
-    {"IH", BLK(IH)}, {"IHD", BLK(IHD)}, {"IOD", BLK(IOD)}, {"IR", BLK(IR)}, {"INB", BLK(INB)},
-    {"IPAGE", BLK(IPAGE)}, {"ISW", BLK(ISW)}, {"INP", BLK(INP)}, {"ISL", BLK(ISL)},
-    {"OB", BLK(OB)}, {"BLOCK", BLK(BLOCK)}, {"B", BLK(B)}, {"OM", BLK(OM)}, {"CB", BLK(CB)},
-    {"CM", BLK(CM)}, {"NI", BLK(NI)}, {"NBT", BLK(NBT)}, {"K", BLK(K)}, {"G", BLK(G)},
-    {"OL", BLK(OL)}, {"OGI", BLK(OGI)}, {"GOL", BLK(GOL)}, {0}};
+    DIM(BLK, T), DIM(BLK, HC), DIM(BLK, D), DIM(BLK, MIX), DIM(BLK, HCD), DIM(BLK, HC2),
+    DIM(BLK, Q), DIM(BLK, HHD), DIM(BLK, HD), DIM(BLK, H), DIM(BLK, MAXS), DIM(BLK, RW),
+    DIM(BLK, COD), DIM(BLK, CR), DIM(BLK, CNB), DIM(BLK, CPAGE), DIM(BLK, CSW), DIM(BLK, CNP),
+    DIM(BLK, IHHD), DIM(BLK, IH), DIM(BLK, IHD), DIM(BLK, IOD), DIM(BLK, IR), DIM(BLK, INB),
+    DIM(BLK, IPAGE), DIM(BLK, ISW), DIM(BLK, INP), DIM(BLK, ISL), DIM(BLK, OB), DIM(BLK, BLOCK),
+    DIM(BLK, B), DIM(BLK, OM), DIM(BLK, CB), DIM(BLK, CM), DIM(BLK, NI), DIM(BLK, NBT),
+    DIM(BLK, K), DIM(BLK, G), DIM(BLK, OL), DIM(BLK, OGI), DIM(BLK, GOL), {0}};
 #define BLOCK_FRONT                                                                  \
-    {"x_hc", DSV4_BF16, "T,HC,D", IN, 0, BLK(x_hc)},                                 \
-    {"hc_attn_fn", DSV4_F32, "MIX,HCD", IN, 0, BLK(hc_attn_fn)},                     \
-    {"hc_attn_scale", DSV4_F32, "3", IN, 0, BLK(hc_attn_scale)},                     \
-    {"hc_attn_base", DSV4_F32, "MIX", IN, 0, BLK(hc_attn_base)},                     \
-    {"attn_norm_w", DSV4_BF16, "D", IN, 0, BLK(attn_norm_w)},                        \
-    {"wq_a", DSV4_BF16, "D,Q", IN, 0, BLK(wq_a)},                                    \
-    {"wq_b", DSV4_I8, "Q,HHD", IN, 0, BLK(wq_b)},                                    \
-    {"wq_b_scale", DSV4_F32, "HHD", IN, FLAT, BLK(wq_b_scale)},                      \
-    {"wkv", DSV4_BF16, "D,HD", IN, 0, BLK(wkv)},                                     \
-    {"gamma_cq", DSV4_BF16, "Q", IN, 0, BLK(gamma_cq)},                              \
-    {"gamma_ckv", DSV4_BF16, "HD", IN, 0, BLK(gamma_ckv)},                           \
-    {"freqs_cos", DSV4_BF16, "MAXS,RW", IN, 0, BLK(freqs_cos)},                      \
-    {"freqs_sin", DSV4_BF16, "MAXS,RW", IN, 0, BLK(freqs_sin)}
+    ARG(BLK, x_hc, "T,HC,D", IN),                                                    \
+    ARG(BLK, hc_attn_fn, "MIX,HCD", IN),                                             \
+    ARG(BLK, hc_attn_scale, "3", IN),                                                \
+    ARG(BLK, hc_attn_base, "MIX", IN),                                               \
+    ARG(BLK, attn_norm_w, "D", IN),                                                  \
+    ARG(BLK, wq_a, "D,Q", IN),                                                       \
+    ARG(BLK, wq_b, "Q,HHD", IN),                                                     \
+    ARG_FLAGS(BLK, "wq_b_scale", wq_b_scale, "HHD", IN, FLAT),                       \
+    ARG(BLK, wkv, "D,HD", IN),                                                       \
+    ARG(BLK, gamma_cq, "Q", IN),                                                     \
+    ARG(BLK, gamma_ckv, "HD", IN),                                                   \
+    ARG(BLK, freqs_cos, "MAXS,RW", IN),                                              \
+    ARG(BLK, freqs_sin, "MAXS,RW", IN)
 #define BLOCK_CMP_WEIGHTS                                                            \
-    {"cmp_wkv", DSV4_BF16, "COD,D", IN, 0, BLK(cmp_wkv)},                            \
-    {"cmp_wgate", DSV4_BF16, "COD,D", IN, 0, BLK(cmp_wgate)},                        \
-    {"cmp_ape", DSV4_F32, "CR,COD", IN, 0, BLK(cmp_ape)},                            \
-    {"cmp_norm_w", DSV4_BF16, "HD", IN, 0, BLK(cmp_norm_w)}
+    ARG(BLK, cmp_wkv, "COD,D", IN),                                                  \
+    ARG(BLK, cmp_wgate, "COD,D", IN),                                                \
+    ARG(BLK, cmp_ape, "CR,COD", IN),                                                 \
+    ARG(BLK, cmp_norm_w, "HD", IN)
 #define BLOCK_INNER_WEIGHTS                                                          \
-    {"inner_wkv", DSV4_BF16, "IOD,D", IN, 0, BLK(inner_wkv)},                        \
-    {"inner_wgate", DSV4_BF16, "IOD,D", IN, 0, BLK(inner_wgate)},                    \
-    {"inner_ape", DSV4_F32, "IR,IOD", IN, 0, BLK(inner_ape)},                        \
-    {"inner_norm_w", DSV4_BF16, "IHD", IN, 0, BLK(inner_norm_w)}
+    ARG(BLK, inner_wkv, "IOD,D", IN),                                                \
+    ARG(BLK, inner_wgate, "IOD,D", IN),                                              \
+    ARG(BLK, inner_ape, "IR,IOD", IN),                                               \
+    ARG(BLK, inner_norm_w, "IHD", IN)
 #define BLOCK_OPROJ                                                                  \
-    {"attn_sink", DSV4_F32, "H", IN, 0, BLK(attn_sink)},                             \
-    {"wo_a", DSV4_BF16, "G,OL,OGI", IN, 0, BLK(wo_a)},                               \
-    {"wo_b", DSV4_I8, "D,GOL", IN, 0, BLK(wo_b)},                                    \
-    {"wo_b_scale", DSV4_F32, "D", IN, 0, BLK(wo_b_scale)}
+    ARG(BLK, attn_sink, "H", IN),                                                    \
+    ARG(BLK, wo_a, "G,OL,OGI", IN),                                                  \
+    ARG(BLK, wo_b, "D,GOL", IN),                                                     \
+    ARG(BLK, wo_b_scale, "D", IN)
 #define BLOCK_STAGES_FRONT                                                           \
-    {"x_out", DSV4_BF16, "T,HC,D", OUT, 0, BLK(x_out)},                              \
-    {"x_mixed", DSV4_BF16, "T,D", STAGE, 0, BLK(x_mixed)},                           \
-    {"post", DSV4_F32, "T,HC", STAGE, 0, BLK(post)},                                 \
-    {"comb", DSV4_F32, "T,HC2", STAGE, 0, BLK(comb)},                                \
-    {"x_normed", DSV4_BF16, "T,D", STAGE, 0, BLK(x_normed)},                         \
-    {"q", DSV4_BF16, "T,H,HD", STAGE, 0, BLK(q)},                                    \
-    {"kv", DSV4_BF16, "T,HD", STAGE, 0, BLK(kv)},                                    \
-    {"qr", DSV4_I8, "T,Q", STAGE, 0, BLK(qr)},                                       \
-    {"qr_scale", DSV4_F32, "T,1", STAGE, 0, BLK(qr_scale)}
-#define STAGE_ATTN_OUT {"attn_out", DSV4_BF16, "T,D", STAGE, 0, BLK(attn_out)}
-#define STAGE_CMP_KV {"compressed_kv", DSV4_F32, "B,1,HD", STAGE, 0, BLK(compressed_kv)}
-#define STAGE_INDICES {"sparse_indices", DSV4_I32, "T,K", STAGE, 0, BLK(sparse_indices)}
+    ARG(BLK, x_out, "T,HC,D", OUT),                                                  \
+    ARG(BLK, x_mixed, "T,D", STAGE),                                                 \
+    ARG(BLK, post, "T,HC", STAGE),                                                   \
+    ARG(BLK, comb, "T,HC2", STAGE),                                                  \
+    ARG(BLK, x_normed, "T,D", STAGE),                                                \
+    ARG(BLK, q, "T,H,HD", STAGE),                                                    \
+    ARG(BLK, kv, "T,HD", STAGE),                                                     \
+    ARG(BLK, qr, "T,Q", STAGE),                                                      \
+    ARG(BLK, qr_scale, "T,1", STAGE)
+#define STAGE_ATTN_OUT ARG(BLK, attn_out, "T,D", STAGE)
+#define STAGE_CMP_KV ARG(BLK, compressed_kv, "B,1,HD", STAGE)
+#define STAGE_INDICES ARG(BLK, sparse_indices, "T,K", STAGE)
 
 static const struct arg_spec dswa_args[] = {
     BLOCK_FRONT,
-    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
-    {"block_table", DSV4_I32, "B,OM", IN, 0, BLK(ori_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
-    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    ARG(BLK, kv_cache, "OB,BLOCK,1,HD", INOUT),
+    ARG_AS(BLK, "block_table", ori_block_table, "B,OM", IN),
+    ARG(BLK, ori_slot_mapping, "T", IN),
+    ARG(BLK, position_ids, "T", IN),
     BLOCK_OPROJ,
     {"cmp_kv", DSV4_BF16, "_,_,_,_", UNUSED, OPTIONAL, 0},
     {"cmp_block_table", DSV4_I32, "_,_", UNUSED, OPTIONAL, 0},
@@ -569,474 +612,477 @@ static const struct arg_spec dswa_args[] = {
     {0}};
 static const struct arg_spec dhca_args[] = {
     BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
-    {"compress_state", DSV4_F32, "CNB,CPAGE,CSW", INOUT, 0, BLK(compress_state)},
-    {"compress_state_block_table", DSV4_I32, "B,CNP", IN, 0, BLK(compress_state_block_table)},
-    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
-    {"ori_block_table", DSV4_I32, "B,OM", IN, 0, BLK(ori_block_table)},
-    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, BLK(cmp_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
-    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
-    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
-    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
-    {"kv_seq_lens", DSV4_I32, "B", IN, 0, BLK(kv_seq_lens)},
+    ARG(BLK, compress_state, "CNB,CPAGE,CSW", INOUT),
+    ARG(BLK, compress_state_block_table, "B,CNP", IN),
+    ARG(BLK, kv_cache, "OB,BLOCK,1,HD", INOUT),
+    ARG(BLK, ori_block_table, "B,OM", IN),
+    ARG(BLK, cmp_kv, "CB,BLOCK,1,HD", INOUT),
+    ARG(BLK, cmp_block_table, "B,CM", IN),
+    ARG(BLK, ori_slot_mapping, "T", IN),
+    ARG(BLK, cmp_slot_mapping, "T", IN),
+    ARG(BLK, state_slot_mapping, "T", IN),
+    ARG(BLK, position_ids, "T", IN),
+    ARG(BLK, kv_seq_lens, "B", IN),
     BLOCK_OPROJ,
     BLOCK_STAGES_FRONT, STAGE_CMP_KV, STAGE_INDICES, STAGE_ATTN_OUT,
     {0}};
 static const struct arg_spec dcsa_args[] = {
     BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
-    {"compress_state", DSV4_F32, "CNB,CPAGE,CSW", INOUT, 0, BLK(compress_state)},
-    {"compress_state_block_table", DSV4_I32, "B,CNP", IN, 0, BLK(compress_state_block_table)},
-    {"idx_wq_b", DSV4_I8, "Q,IHHD", IN, 0, BLK(idx_wq_b)},
-    {"idx_wq_b_scale", DSV4_F32, "IHHD", IN, 0, BLK(idx_wq_b_scale)},
-    {"weights_proj", DSV4_BF16, "D,IH", IN, 0, BLK(weights_proj)},
-    {"hadamard_idx", DSV4_BF16, "IHD,IHD", IN, 0, BLK(hadamard_idx)},
+    ARG(BLK, compress_state, "CNB,CPAGE,CSW", INOUT),
+    ARG(BLK, compress_state_block_table, "B,CNP", IN),
+    ARG(BLK, idx_wq_b, "Q,IHHD", IN),
+    ARG(BLK, idx_wq_b_scale, "IHHD", IN),
+    ARG(BLK, weights_proj, "D,IH", IN),
+    ARG(BLK, hadamard_idx, "IHD,IHD", IN),
     BLOCK_INNER_WEIGHTS,
-    {"inner_compress_state", DSV4_F32, "INB,IPAGE,ISW", INOUT, 0, BLK(inner_compress_state)},
-    {"inner_compress_state_block_table", DSV4_I32, "B,INP", IN, 0,
-     BLK(inner_compress_state_block_table)},
-    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
-    {"ori_block_table", DSV4_I32, "B,OM", IN, 0, BLK(ori_block_table)},
-    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "B,CM", IN, 0, BLK(cmp_block_table)},
-    {"idx_kv_cache", DSV4_BF16, "NI,BLOCK,1,IHD", INOUT, 0, BLK(idx_kv_cache)},
-    {"idx_block_table", DSV4_I32, "B,NBT", IN, 0, BLK(idx_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
-    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
-    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, BLK(idx_slot_mapping)},
-    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
-    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(inner_state_slot_mapping)},
-    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
-    {"kv_seq_lens", DSV4_I32, "B", IN, 0, BLK(kv_seq_lens)},
+    ARG(BLK, inner_compress_state, "INB,IPAGE,ISW", INOUT),
+    ARG(BLK, inner_compress_state_block_table, "B,INP", IN),
+    ARG(BLK, kv_cache, "OB,BLOCK,1,HD", INOUT),
+    ARG(BLK, ori_block_table, "B,OM", IN),
+    ARG(BLK, cmp_kv, "CB,BLOCK,1,HD", INOUT),
+    ARG(BLK, cmp_block_table, "B,CM", IN),
+    ARG(BLK, idx_kv_cache, "NI,BLOCK,1,IHD", INOUT),
+    ARG(BLK, idx_block_table, "B,NBT", IN),
+    ARG(BLK, ori_slot_mapping, "T", IN),
+    ARG(BLK, cmp_slot_mapping, "T", IN),
+    ARG(BLK, idx_slot_mapping, "T", IN),
+    ARG(BLK, state_slot_mapping, "T", IN),
+    ARG(BLK, inner_state_slot_mapping, "T", IN),
+    ARG(BLK, position_ids, "T", IN),
+    ARG(BLK, kv_seq_lens, "B", IN),
     BLOCK_OPROJ,
     BLOCK_STAGES_FRONT, STAGE_CMP_KV,
-    {"topk_idxs", DSV4_I32, "B,1,ISL", STAGE, 0, BLK(topk_idxs)},
+    ARG(BLK, topk_idxs, "B,1,ISL", STAGE),
     STAGE_INDICES, STAGE_ATTN_OUT,
     {0}};
 static const struct arg_spec pswa_args[] = {
     BLOCK_FRONT,
-    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
-    {"block_table", DSV4_I32, "OM", IN, 0, BLK(ori_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
-    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, BLK(cmp_sparse_indices)},
-    {"cmp_sparse_lens", DSV4_I32, "T", IN, 0, BLK(cmp_sparse_lens)},
-    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
+    ARG(BLK, kv_cache, "OB,BLOCK,1,HD", INOUT),
+    ARG_AS(BLK, "block_table", ori_block_table, "OM", IN),
+    ARG(BLK, ori_slot_mapping, "T", IN),
+    ARG(BLK, cmp_sparse_indices, "T,K", IN),
+    ARG(BLK, cmp_sparse_lens, "T", IN),
+    ARG(BLK, position_ids, "T", IN),
     BLOCK_OPROJ,
     BLOCK_STAGES_FRONT, STAGE_ATTN_OUT,
     {0}};
 static const struct arg_spec phca_args[] = {
     BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
-    {"cmp_kv_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_kv_state)},
-    {"cmp_score_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_score_state)},
-    {"compress_state_block_table", DSV4_I32, "CNP", IN, 0, BLK(compress_state_block_table)},
-    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
-    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
-    {"ori_block_table", DSV4_I32, "OM", IN, 0, BLK(ori_block_table)},
-    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "CM", IN, 0, BLK(cmp_block_table)},
-    {"cmp_sparse_indices", DSV4_I32, "T,K", IN, 0, BLK(cmp_sparse_indices)},
-    {"cmp_sparse_lens", DSV4_I32, "T", IN, 0, BLK(cmp_sparse_lens)},
-    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
-    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
-    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
+    ARG(BLK, cmp_kv_state, "CNB,CPAGE,COD", INOUT),
+    ARG(BLK, cmp_score_state, "CNB,CPAGE,COD", INOUT),
+    ARG(BLK, compress_state_block_table, "CNP", IN),
+    ARG(BLK, kv_cache, "OB,BLOCK,1,HD", INOUT),
+    ARG(BLK, ori_slot_mapping, "T", IN),
+    ARG(BLK, ori_block_table, "OM", IN),
+    ARG(BLK, cmp_kv, "CB,BLOCK,1,HD", INOUT),
+    ARG(BLK, cmp_block_table, "CM", IN),
+    ARG(BLK, cmp_sparse_indices, "T,K", IN),
+    ARG(BLK, cmp_sparse_lens, "T", IN),
+    ARG(BLK, position_ids, "T", IN),
+    ARG(BLK, cmp_slot_mapping, "T", IN),
+    ARG(BLK, state_slot_mapping, "T", IN),
     BLOCK_OPROJ,
     BLOCK_STAGES_FRONT, STAGE_ATTN_OUT,
     {0}};
 static const struct arg_spec pcsa_args[] = {
     BLOCK_FRONT, BLOCK_CMP_WEIGHTS,
-    {"cmp_kv_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_kv_state)},
-    {"cmp_score_state", DSV4_F32, "CNB,CPAGE,COD", INOUT, 0, BLK(cmp_score_state)},
-    {"compress_state_block_table", DSV4_I32, "CNP", IN, 0, BLK(compress_state_block_table)},
-    {"hadamard_idx", DSV4_BF16, "IHD,IHD", IN, 0, BLK(hadamard_idx)},
-    {"idx_wq_b", DSV4_I8, "Q,IHHD", IN, 0, BLK(idx_wq_b)},
-    {"idx_wq_b_scale", DSV4_F32, "IHHD", IN, 0, BLK(idx_wq_b_scale)},
-    {"idx_weights_proj", DSV4_BF16, "D,IH", IN, 0, BLK(weights_proj)},
+    ARG(BLK, cmp_kv_state, "CNB,CPAGE,COD", INOUT),
+    ARG(BLK, cmp_score_state, "CNB,CPAGE,COD", INOUT),
+    ARG(BLK, compress_state_block_table, "CNP", IN),
+    ARG(BLK, hadamard_idx, "IHD,IHD", IN),
+    ARG(BLK, idx_wq_b, "Q,IHHD", IN),
+    ARG(BLK, idx_wq_b_scale, "IHHD", IN),
+    ARG_AS(BLK, "idx_weights_proj", weights_proj, "D,IH", IN),
     BLOCK_INNER_WEIGHTS,
-    {"inner_kv_state", DSV4_F32, "INB,IPAGE,IOD", INOUT, 0, BLK(inner_kv_state)},
-    {"inner_score_state", DSV4_F32, "INB,IPAGE,IOD", INOUT, 0, BLK(inner_score_state)},
-    {"inner_compress_state_block_table", DSV4_I32, "INP", IN, 0,
-     BLK(inner_compress_state_block_table)},
-    {"kv_cache", DSV4_BF16, "OB,BLOCK,1,HD", INOUT, 0, BLK(kv_cache)},
-    {"ori_block_table", DSV4_I32, "OM", IN, 0, BLK(ori_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "T", IN, 0, BLK(ori_slot_mapping)},
-    {"cmp_kv", DSV4_BF16, "CB,BLOCK,1,HD", INOUT, 0, BLK(cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "CM", IN, 0, BLK(cmp_block_table)},
-    {"idx_kv_cache", DSV4_BF16, "NI,BLOCK,1,IHD", INOUT, 0, BLK(idx_kv_cache)},
-    {"idx_block_table", DSV4_I32, "NBT", IN, 0, BLK(idx_block_table)},
-    {"position_ids", DSV4_I32, "T", IN, 0, BLK(position_ids)},
-    {"cmp_slot_mapping", DSV4_I64, "T", IN, 0, BLK(cmp_slot_mapping)},
-    {"idx_slot_mapping", DSV4_I64, "T", IN, 0, BLK(idx_slot_mapping)},
-    {"state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(state_slot_mapping)},
-    {"inner_state_slot_mapping", DSV4_I64, "T", IN, 0, BLK(inner_state_slot_mapping)},
+    ARG(BLK, inner_kv_state, "INB,IPAGE,IOD", INOUT),
+    ARG(BLK, inner_score_state, "INB,IPAGE,IOD", INOUT),
+    ARG(BLK, inner_compress_state_block_table, "INP", IN),
+    ARG(BLK, kv_cache, "OB,BLOCK,1,HD", INOUT),
+    ARG(BLK, ori_block_table, "OM", IN),
+    ARG(BLK, ori_slot_mapping, "T", IN),
+    ARG(BLK, cmp_kv, "CB,BLOCK,1,HD", INOUT),
+    ARG(BLK, cmp_block_table, "CM", IN),
+    ARG(BLK, idx_kv_cache, "NI,BLOCK,1,IHD", INOUT),
+    ARG(BLK, idx_block_table, "NBT", IN),
+    ARG(BLK, position_ids, "T", IN),
+    ARG(BLK, cmp_slot_mapping, "T", IN),
+    ARG(BLK, idx_slot_mapping, "T", IN),
+    ARG(BLK, state_slot_mapping, "T", IN),
+    ARG(BLK, inner_state_slot_mapping, "T", IN),
     BLOCK_OPROJ,
     BLOCK_STAGES_FRONT,
-    {"topk_idxs", DSV4_I32, "T,ISL", STAGE, 0, BLK(topk_idxs)},
+    ARG(BLK, topk_idxs, "T,ISL", STAGE),
     STAGE_INDICES,
-    {"sparse_lens", DSV4_I32, "T", STAGE, 0, BLK(sparse_lens)},
+    ARG(BLK, sparse_lens, "T", STAGE),
     STAGE_ATTN_OUT,
     {0}};
-#define BLOCK_SCALARS                                                                      \
-    {"sliding_window", SC_INT, BLK(sliding_window), 1, 0, 0.0},                            \
-    {"qk_rope_head_dim", SC_INT, BLK(qk_rope_head_dim), 1, 0, 0.0},                        \
-    {"index_topk", SC_INT, BLK(index_topk), 1, 0, 0.0},                                    \
-    {"index_n_heads", SC_INT, BLK(index_n_heads), 1, 0, 0.0},                              \
-    {"index_head_dim", SC_INT, BLK(index_head_dim), 1, 0, 0.0},                            \
-    {"max_position_embeddings", SC_INT, BLK(max_position_embeddings), 1, 0, 0.0},          \
-    {"hc_sinkhorn_iters", SC_INT, BLK(hc_sinkhorn_iters), 1, 0, 0.0},                      \
-    {"rms_norm_eps", SC_FLOAT, BLK(rms_norm_eps), 1, 0, 0.0},                              \
-    {"hc_eps", SC_FLOAT, BLK(hc_eps), 1, 0, 0.0},                                          \
-    {"index_weights_scale", SC_FLOAT, BLK(index_weights_scale), 1, 0, 0.0}
+#define BLOCK_SCALARS                                                                \
+    SCALAR(BLK, sliding_window, 1, 0, 0.0),                                          \
+    SCALAR(BLK, qk_rope_head_dim, 1, 0, 0.0),                                        \
+    SCALAR(BLK, index_topk, 1, 0, 0.0),                                              \
+    SCALAR(BLK, index_n_heads, 1, 0, 0.0),                                           \
+    SCALAR(BLK, index_head_dim, 1, 0, 0.0),                                          \
+    SCALAR(BLK, max_position_embeddings, 1, 0, 0.0),                                 \
+    SCALAR(BLK, hc_sinkhorn_iters, 1, 0, 0.0),                                       \
+    SCALAR(BLK, rms_norm_eps, 1, 0, 0.0),                                            \
+    SCALAR(BLK, hc_eps, 1, 0, 0.0),                                                  \
+    SCALAR(BLK, index_weights_scale, 1, 0, 0.0)
 static const struct scalar_spec decode_block_scalars[] = {BLOCK_SCALARS, {0}};
 static const struct scalar_spec prefill_block_scalars[] = {
-    {"num_tokens", SC_INT, BLK(num_tokens), 0, ALL_ROWS, 0.0}, BLOCK_SCALARS, {0}};
+    SCALAR(BLK, num_tokens, 0, ALL_ROWS, 0.0), BLOCK_SCALARS, {0}};
 
-#define LAY(f) offsetof(struct dsv4_layer_args, f)
+#define LAY struct dsv4_layer_args
 static const struct dim_spec layer_dims[] = {
-    {"R", LAY(R)}, {"NREQ", LAY(NREQ)},
-    {"T", LAY(blk.T)}, {"HC", LAY(blk.HC)}, {"D", LAY(blk.D)}, {"MIX", LAY(blk.MIX)},
-    {"HCD", LAY(blk.HCD)}, {"Q", LAY(blk.Q)}, {"HHD", LAY(blk.HHD)}, {"HD", LAY(blk.HD)},
-    {"H", LAY(blk.H)}, {"MAXS", LAY(blk.MAXS)}, {"RW", LAY(blk.RW)}, {"IHHD", LAY(blk.IHHD)},
-    {"IH", LAY(blk.IH)}, {"IHD", LAY(blk.IHD)}, {"IOD", LAY(blk.IOD)}, {"IR", LAY(blk.IR)},
-    {"INB", LAY(blk.INB)}, {"IPAGE", LAY(blk.IPAGE)}, {"ISW", LAY(blk.ISW)}, {"INP", LAY(blk.INP)},
-    {"OB", LAY(blk.OB)}, {"BLOCK", LAY(blk.BLOCK)}, {"B", LAY(blk.B)}, {"OM", LAY(blk.OM)},
-    {"CB", LAY(blk.CB)}, {"CM", LAY(blk.CM)}, {"NI", LAY(blk.NI)}, {"NBT", LAY(blk.NBT)},
-    {"K", LAY(blk.K)}, {"G", LAY(blk.G)}, {"OL", LAY(blk.OL)}, {"OGI", LAY(blk.OGI)},
-    {"GOL", LAY(blk.GOL)},
-    {"HOD", LAY(hca.OD)}, {"HR", LAY(hca.R)}, {"HNB", LAY(hca.NB)}, {"HPAGE", LAY(hca.PAGE)},
-    {"HSW", LAY(hca.SW)}, {"HNP", LAY(hca.NP)},
-    {"COD", LAY(csa.OD)}, {"CR", LAY(csa.R)}, {"CNB", LAY(csa.NB)}, {"CPAGE", LAY(csa.PAGE)},
-    {"CSW", LAY(csa.SW)}, {"CNP", LAY(csa.NP)},
-    {"E", LAY(moe.E)}, {"V", LAY(moe.V)}, {"TOPK", LAY(moe.K)}, {"EL", LAY(moe.EL)},
-    {"I", LAY(moe.IE)}, {"HC2", LAY(blk.HC2)}, {0}};
+    DIM(LAY, R), DIM(LAY, NREQ),
+    DIM_IN(LAY, blk, T), DIM_IN(LAY, blk, HC), DIM_IN(LAY, blk, D), DIM_IN(LAY, blk, MIX),
+    DIM_IN(LAY, blk, HCD), DIM_IN(LAY, blk, Q), DIM_IN(LAY, blk, HHD), DIM_IN(LAY, blk, HD),
+    DIM_IN(LAY, blk, H), DIM_IN(LAY, blk, MAXS), DIM_IN(LAY, blk, RW), DIM_IN(LAY, blk, IHHD),
+    DIM_IN(LAY, blk, IH), DIM_IN(LAY, blk, IHD), DIM_IN(LAY, blk, IOD), DIM_IN(LAY, blk, IR),
+    DIM_IN(LAY, blk, INB), DIM_IN(LAY, blk, IPAGE), DIM_IN(LAY, blk, ISW),
+    DIM_IN(LAY, blk, INP), DIM_IN(LAY, blk, OB), DIM_IN(LAY, blk, BLOCK), DIM_IN(LAY, blk, B),
+    DIM_IN(LAY, blk, OM), DIM_IN(LAY, blk, CB), DIM_IN(LAY, blk, CM), DIM_IN(LAY, blk, NI),
+    DIM_IN(LAY, blk, NBT), DIM_IN(LAY, blk, K), DIM_IN(LAY, blk, G), DIM_IN(LAY, blk, OL),
+    DIM_IN(LAY, blk, OGI), DIM_IN(LAY, blk, GOL),
+    DIM_AS(LAY, "HOD", hca.OD), DIM_AS(LAY, "HR", hca.R), DIM_AS(LAY, "HNB", hca.NB),
+    DIM_AS(LAY, "HPAGE", hca.PAGE), DIM_AS(LAY, "HSW", hca.SW), DIM_AS(LAY, "HNP", hca.NP),
+    DIM_AS(LAY, "COD", csa.OD), DIM_AS(LAY, "CR", csa.R), DIM_AS(LAY, "CNB", csa.NB),
+    DIM_AS(LAY, "CPAGE", csa.PAGE), DIM_AS(LAY, "CSW", csa.SW), DIM_AS(LAY, "CNP", csa.NP),
+    DIM_IN(LAY, moe, E), DIM_IN(LAY, moe, V), DIM_AS(LAY, "TOPK", moe.K), DIM_IN(LAY, moe, EL),
+    DIM_AS(LAY, "I", moe.IE),
+    DIM_IN(LAY, blk, HC2), {0}};
 #define LAYER_FRONT                                                                  \
-    {"hc_attn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, LAY(blk.hc_attn_fn)},               \
-    {"hc_attn_scale", DSV4_F32, "R,3", IN, 0, LAY(blk.hc_attn_scale)},               \
-    {"hc_attn_base", DSV4_F32, "R,MIX", IN, 0, LAY(blk.hc_attn_base)},               \
-    {"attn_norm_w", DSV4_BF16, "R,D", IN, 0, LAY(blk.attn_norm_w)},                  \
-    {"wq_a", DSV4_BF16, "R,D,Q", IN, 0, LAY(blk.wq_a)},                              \
-    {"wq_b", DSV4_I8, "R,Q,HHD", IN, 0, LAY(blk.wq_b)},                              \
-    {"wq_b_scale", DSV4_F32, "R,HHD", IN, 0, LAY(blk.wq_b_scale)},                   \
-    {"wkv", DSV4_BF16, "R,D,HD", IN, 0, LAY(blk.wkv)},                               \
-    {"gamma_cq", DSV4_BF16, "R,Q", IN, 0, LAY(blk.gamma_cq)},                        \
-    {"gamma_ckv", DSV4_BF16, "R,HD", IN, 0, LAY(blk.gamma_ckv)},                     \
-    {"freqs_cos", DSV4_BF16, "R,MAXS,RW", IN, 0, LAY(blk.freqs_cos)},                \
-    {"freqs_sin", DSV4_BF16, "R,MAXS,RW", IN, 0, LAY(blk.freqs_sin)}
+    ARG_IN(LAY, blk, hc_attn_fn, "R,MIX,HCD", IN),                                   \
+    ARG_IN(LAY, blk, hc_attn_scale, "R,3", IN),                                      \
+    ARG_IN(LAY, blk, hc_attn_base, "R,MIX", IN),                                     \
+    ARG_IN(LAY, blk, attn_norm_w, "R,D", IN),                                        \
+    ARG_IN(LAY, blk, wq_a, "R,D,Q", IN),                                             \
+    ARG_IN(LAY, blk, wq_b, "R,Q,HHD", IN),                                           \
+    ARG_IN(LAY, blk, wq_b_scale, "R,HHD", IN),                                       \
+    ARG_IN(LAY, blk, wkv, "R,D,HD", IN),                                             \
+    ARG_IN(LAY, blk, gamma_cq, "R,Q", IN),                                           \
+    ARG_IN(LAY, blk, gamma_ckv, "R,HD", IN),                                         \
+    ARG_IN(LAY, blk, freqs_cos, "R,MAXS,RW", IN),                                    \
+    ARG_IN(LAY, blk, freqs_sin, "R,MAXS,RW", IN)
 #define LAYER_OPROJ                                                                  \
-    {"attn_sink", DSV4_F32, "R,H", IN, 0, LAY(blk.attn_sink)},                       \
-    {"wo_a", DSV4_BF16, "R,G,OL,OGI", IN, 0, LAY(blk.wo_a)},                         \
-    {"wo_b", DSV4_I8, "R,D,GOL", IN, 0, LAY(blk.wo_b)},                              \
-    {"wo_b_scale", DSV4_F32, "R,D", IN, 0, LAY(blk.wo_b_scale)}
+    ARG_IN(LAY, blk, attn_sink, "R,H", IN),                                          \
+    ARG_IN(LAY, blk, wo_a, "R,G,OL,OGI", IN),                                        \
+    ARG_IN(LAY, blk, wo_b, "R,D,GOL", IN),                                           \
+    ARG_IN(LAY, blk, wo_b_scale, "R,D", IN)
 #define LAYER_CMP(P, X, OD, RR, NB, PAGE, W)                                         \
-    {P "cmp_wkv", DSV4_BF16, "R," OD ",D", IN, 0, LAY(X.wkv)},                        \
-    {P "cmp_wgate", DSV4_BF16, "R," OD ",D", IN, 0, LAY(X.wgate)},                    \
-    {P "cmp_ape", DSV4_F32, "R," RR "," OD, IN, 0, LAY(X.ape)},                       \
-    {P "cmp_norm_w", DSV4_BF16, "R,HD", IN, 0, LAY(X.norm_w)}
+    ARG_AS(LAY, P "cmp_wkv", X.wkv, "R," OD ",D", IN),                               \
+    ARG_AS(LAY, P "cmp_wgate", X.wgate, "R," OD ",D", IN),                           \
+    ARG_AS(LAY, P "cmp_ape", X.ape, "R," RR "," OD, IN),                             \
+    ARG_AS(LAY, P "cmp_norm_w", X.norm_w, "R,HD", IN)
 #define LAYER_CSA_INDEXER(WP)                                                        \
-    {"csa_idx_wq_b", DSV4_I8, "R,Q,IHHD", IN, 0, LAY(blk.idx_wq_b)},                 \
-    {"csa_idx_wq_b_scale", DSV4_F32, "R,IHHD", IN, 0, LAY(blk.idx_wq_b_scale)},      \
-    {"csa_weights_proj", DSV4_BF16, "R,D,IH", IN, 0, LAY(blk.weights_proj)}
+    ARG_AS(LAY, "csa_idx_wq_b", blk.idx_wq_b, "R,Q,IHHD", IN),                       \
+    ARG_AS(LAY, "csa_idx_wq_b_scale", blk.idx_wq_b_scale, "R,IHHD", IN),             \
+    ARG_AS(LAY, "csa_weights_proj", blk.weights_proj, "R,D,IH", IN)
 #define LAYER_INNER                                                                  \
-    {"csa_inner_wkv", DSV4_BF16, "R,IOD,D", IN, 0, LAY(blk.inner_wkv)},              \
-    {"csa_inner_wgate", DSV4_BF16, "R,IOD,D", IN, 0, LAY(blk.inner_wgate)},          \
-    {"csa_inner_ape", DSV4_F32, "R,IR,IOD", IN, 0, LAY(blk.inner_ape)},              \
-    {"csa_inner_norm_w", DSV4_BF16, "R,IHD", IN, 0, LAY(blk.inner_norm_w)}
+    ARG_AS(LAY, "csa_inner_wkv", blk.inner_wkv, "R,IOD,D", IN),                      \
+    ARG_AS(LAY, "csa_inner_wgate", blk.inner_wgate, "R,IOD,D", IN),                  \
+    ARG_AS(LAY, "csa_inner_ape", blk.inner_ape, "R,IR,IOD", IN),                     \
+    ARG_AS(LAY, "csa_inner_norm_w", blk.inner_norm_w, "R,IHD", IN)
 #define LAYER_MOE                                                                    \
-    {"hc_ffn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, LAY(moe.hc_ffn_fn)},                 \
-    {"hc_ffn_scale", DSV4_F32, "R,3", IN, 0, LAY(moe.hc_ffn_scale)},                 \
-    {"hc_ffn_base", DSV4_F32, "R,MIX", IN, 0, LAY(moe.hc_ffn_base)},                 \
-    {"norm_w", DSV4_BF16, "R,D", IN, 0, LAY(moe.norm_w)},                            \
-    {"gate_w", DSV4_F32, "R,E,D", IN, 0, LAY(moe.gate_w)},                           \
-    {"gate_bias", DSV4_F32, "R,E", IN, 0, LAY(moe.gate_bias)},                       \
-    {"tid2eid", DSV4_I32, "R,V,TOPK", IN, 0, LAY(moe.tid2eid)},                      \
-    {"input_ids", DSV4_I64, "R,T", IN, 0, LAY(moe.input_ids)},                       \
-    {"routed_w1", DSV4_I8, "R,EL,I,D", IN, 0, LAY(moe.routed_w1)},                   \
-    {"routed_w1_scale", DSV4_F32, "R,EL,I", IN, 0, LAY(moe.routed_w1_scale)},        \
-    {"routed_w3", DSV4_I8, "R,EL,I,D", IN, 0, LAY(moe.routed_w3)},                   \
-    {"routed_w3_scale", DSV4_F32, "R,EL,I", IN, 0, LAY(moe.routed_w3_scale)},        \
-    {"routed_w2", DSV4_I8, "R,EL,D,I", IN, 0, LAY(moe.routed_w2)},                   \
-    {"routed_w2_scale", DSV4_F32, "R,EL,D", IN, 0, LAY(moe.routed_w2_scale)},        \
-    {"shared_w1", DSV4_I8, "R,I,D", IN, 0, LAY(moe.shared_w1)},                      \
-    {"shared_w1_scale", DSV4_F32, "R,I", IN, 0, LAY(moe.shared_w1_scale)},           \
-    {"shared_w3", DSV4_I8, "R,I,D", IN, 0, LAY(moe.shared_w3)},                      \
-    {"shared_w3_scale", DSV4_F32, "R,I", IN, 0, LAY(moe.shared_w3_scale)},           \
-    {"shared_w2", DSV4_I8, "R,D,I", IN, 0, LAY(moe.shared_w2)},                      \
-    {"shared_w2_scale", DSV4_F32, "R,D", IN, 0, LAY(moe.shared_w2_scale)},           \
-    {"x_next", DSV4_BF16, "R,T,HC,D", OUT, 0, LAY(moe.x_next)},                      \
-    {"x_mixed", DSV4_BF16, "R,T,D", STAGE, 0, LAY(st.x_mixed)},                      \
-    {"post", DSV4_F32, "R,T,HC", STAGE, 0, LAY(st.post)},                            \
-    {"comb", DSV4_F32, "R,T,HC2", STAGE, 0, LAY(st.comb)},                           \
-    {"x_normed", DSV4_BF16, "R,T,D", STAGE, 0, LAY(st.x_normed)},                    \
-    {"q", DSV4_BF16, "R,T,H,HD", STAGE, 0, LAY(st.q)},                               \
-    {"kv", DSV4_BF16, "R,T,HD", STAGE, 0, LAY(st.kv)},                               \
-    {"qr", DSV4_I8, "R,T,Q", STAGE, 0, LAY(st.qr)},                                  \
-    {"qr_scale", DSV4_F32, "R,T,1", STAGE, 0, LAY(st.qr_scale)},                     \
-    {"attn_out", DSV4_BF16, "R,T,D", STAGE, 0, LAY(st.attn_out)},                    \
-    {"x_attn", DSV4_BF16, "R,T,HC,D", STAGE, 0, LAY(x_attn)}
+    ARG_IN(LAY, moe, hc_ffn_fn, "R,MIX,HCD", IN),                                    \
+    ARG_IN(LAY, moe, hc_ffn_scale, "R,3", IN),                                       \
+    ARG_IN(LAY, moe, hc_ffn_base, "R,MIX", IN),                                      \
+    ARG_IN(LAY, moe, norm_w, "R,D", IN),                                             \
+    ARG_IN(LAY, moe, gate_w, "R,E,D", IN),                                           \
+    ARG_IN(LAY, moe, gate_bias, "R,E", IN),                                          \
+    ARG_IN(LAY, moe, tid2eid, "R,V,TOPK", IN),                                       \
+    ARG_IN(LAY, moe, input_ids, "R,T", IN),                                          \
+    ARG_IN(LAY, moe, routed_w1, "R,EL,I,D", IN),                                     \
+    ARG_IN(LAY, moe, routed_w1_scale, "R,EL,I", IN),                                 \
+    ARG_IN(LAY, moe, routed_w3, "R,EL,I,D", IN),                                     \
+    ARG_IN(LAY, moe, routed_w3_scale, "R,EL,I", IN),                                 \
+    ARG_IN(LAY, moe, routed_w2, "R,EL,D,I", IN),                                     \
+    ARG_IN(LAY, moe, routed_w2_scale, "R,EL,D", IN),                                 \
+    ARG_IN(LAY, moe, shared_w1, "R,I,D", IN),                                        \
+    ARG_IN(LAY, moe, shared_w1_scale, "R,I", IN),                                    \
+    ARG_IN(LAY, moe, shared_w3, "R,I,D", IN),                                        \
+    ARG_IN(LAY, moe, shared_w3_scale, "R,I", IN),                                    \
+    ARG_IN(LAY, moe, shared_w2, "R,D,I", IN),                                        \
+    ARG_IN(LAY, moe, shared_w2_scale, "R,D", IN),                                    \
+    ARG_IN(LAY, moe, x_next, "R,T,HC,D", OUT),                                       \
+    ARG_IN(LAY, st, x_mixed, "R,T,D", STAGE),                                        \
+    ARG_IN(LAY, st, post, "R,T,HC", STAGE),                                          \
+    ARG_IN(LAY, st, comb, "R,T,HC2", STAGE),                                         \
+    ARG_IN(LAY, st, x_normed, "R,T,D", STAGE),                                       \
+    ARG_IN(LAY, st, q, "R,T,H,HD", STAGE),                                           \
+    ARG_IN(LAY, st, kv, "R,T,HD", STAGE),                                            \
+    ARG_IN(LAY, st, qr, "R,T,Q", STAGE),                                             \
+    ARG_IN(LAY, st, qr_scale, "R,T,1", STAGE),                                       \
+    ARG_IN(LAY, st, attn_out, "R,T,D", STAGE),                                       \
+    ARG(LAY, x_attn, "R,T,HC,D", STAGE)
 
 static const struct arg_spec dlayer_args[] = {
-    {"x_hc", DSV4_BF16, "R,T,HC,D", IN, 0, LAY(blk.x_hc)},
+    ARG_IN(LAY, blk, x_hc, "R,T,HC,D", IN),
     LAYER_FRONT,
-    {"kv_cache", DSV4_BF16, "R,OB,BLOCK,1,HD", INOUT, 0, LAY(blk.kv_cache)},
-    {"block_table", DSV4_I32, "R,B,OM", IN, 0, LAY(blk.ori_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.ori_slot_mapping)},
-    {"hca_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.cmp_slot_mapping)},
-    {"hca_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.state_slot_mapping)},
-    {"csa_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.cmp_slot_mapping)},
-    {"csa_idx_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.idx_slot_mapping)},
-    {"csa_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.state_slot_mapping)},
-    {"csa_inner_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.inner_state_slot_mapping)},
-    {"position_ids", DSV4_I32, "R,T", IN, 0, LAY(blk.position_ids)},
-    {"kv_seq_lens", DSV4_I32, "R,B", IN, 0, LAY(blk.kv_seq_lens)},
+    ARG_IN(LAY, blk, kv_cache, "R,OB,BLOCK,1,HD", INOUT),
+    ARG_AS(LAY, "block_table", blk.ori_block_table, "R,B,OM", IN),
+    ARG_IN(LAY, blk, ori_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "hca_cmp_slot_mapping", hca.cmp_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "hca_state_slot_mapping", hca.state_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_cmp_slot_mapping", csa.cmp_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_idx_slot_mapping", blk.idx_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_state_slot_mapping", csa.state_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_inner_state_slot_mapping", blk.inner_state_slot_mapping, "R,T", IN),
+    ARG_IN(LAY, blk, position_ids, "R,T", IN),
+    ARG_IN(LAY, blk, kv_seq_lens, "R,B", IN),
     LAYER_OPROJ,
     LAYER_CMP("hca_", hca, "HOD", "HR", "HNB", "HPAGE", "HSW"),
-    {"hca_compress_state", DSV4_F32, "R,HNB,HPAGE,HSW", INOUT, 0, LAY(hca.state)},
-    {"hca_compress_state_block_table", DSV4_I32, "R,B,HNP", IN, 0, LAY(hca.table)},
+    ARG_AS(LAY, "hca_compress_state", hca.state, "R,HNB,HPAGE,HSW", INOUT),
+    ARG_AS(LAY, "hca_compress_state_block_table", hca.table, "R,B,HNP", IN),
     LAYER_CMP("csa_", csa, "COD", "CR", "CNB", "CPAGE", "CSW"),
-    {"csa_compress_state", DSV4_F32, "R,CNB,CPAGE,CSW", INOUT, 0, LAY(csa.state)},
-    {"csa_compress_state_block_table", DSV4_I32, "R,B,CNP", IN, 0, LAY(csa.table)},
+    ARG_AS(LAY, "csa_compress_state", csa.state, "R,CNB,CPAGE,CSW", INOUT),
+    ARG_AS(LAY, "csa_compress_state_block_table", csa.table, "R,B,CNP", IN),
     LAYER_CSA_INDEXER(0),
-    {"csa_hadamard_idx", DSV4_BF16, "R,IHD,IHD", IN, 0, LAY(blk.hadamard_idx)},
+    ARG_AS(LAY, "csa_hadamard_idx", blk.hadamard_idx, "R,IHD,IHD", IN),
     LAYER_INNER,
-    {"csa_inner_compress_state", DSV4_F32, "R,INB,IPAGE,ISW", INOUT, 0, LAY(blk.inner_compress_state)},
-    {"csa_inner_compress_state_block_table", DSV4_I32, "R,B,INP", IN, 0,
-     LAY(blk.inner_compress_state_block_table)},
-    {"cmp_kv", DSV4_BF16, "R,CB,BLOCK,1,HD", INOUT, 0, LAY(blk.cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "R,B,CM", IN, 0, LAY(blk.cmp_block_table)},
-    {"idx_kv_cache", DSV4_BF16, "R,NI,BLOCK,1,IHD", INOUT, 0, LAY(blk.idx_kv_cache)},
-    {"idx_block_table", DSV4_I32, "R,B,NBT", IN, 0, LAY(blk.idx_block_table)},
+    ARG_AS(LAY, "csa_inner_compress_state", blk.inner_compress_state, "R,INB,IPAGE,ISW", INOUT),
+    ARG_AS(LAY, "csa_inner_compress_state_block_table", blk.inner_compress_state_block_table,
+        "R,B,INP", IN),
+    ARG_IN(LAY, blk, cmp_kv, "R,CB,BLOCK,1,HD", INOUT),
+    ARG_IN(LAY, blk, cmp_block_table, "R,B,CM", IN),
+    ARG_IN(LAY, blk, idx_kv_cache, "R,NI,BLOCK,1,IHD", INOUT),
+    ARG_IN(LAY, blk, idx_block_table, "R,B,NBT", IN),
     LAYER_MOE,
     {0}};
 static const struct arg_spec player_args[] = {
-    {"x_hc", DSV4_BF16, "R,T,HC,D", IN, 0, LAY(blk.x_hc)},
-    {"seq_lens", DSV4_I32, "R,NREQ", IN, 0, LAY(seq_lens)},
-    {"chunk_lens", DSV4_I32, "R,NREQ", IN, 0, LAY(chunk_lens)},
-    {"chunk_offsets", DSV4_I32, "R,NREQ", IN, 0, LAY(chunk_offsets)},
-    {"chunk_tile_offsets", DSV4_I32, "R,NREQ", IN, 0, LAY(chunk_tile_offsets)},
+    ARG_IN(LAY, blk, x_hc, "R,T,HC,D", IN),
+    ARG(LAY, seq_lens, "R,NREQ", IN),
+    ARG(LAY, chunk_lens, "R,NREQ", IN),
+    ARG(LAY, chunk_offsets, "R,NREQ", IN),
+    ARG(LAY, chunk_tile_offsets, "R,NREQ", IN),
     LAYER_FRONT,
     LAYER_CMP("hca_", hca, "HOD", "HR", "HNB", "HPAGE", "HSW"),
-    {"hca_cmp_kv_state", DSV4_F32, "R,HNB,HPAGE,HOD", INOUT, 0, LAY(hca.kv_state)},
-    {"hca_cmp_score_state", DSV4_F32, "R,HNB,HPAGE,HOD", INOUT, 0, LAY(hca.score_state)},
-    {"hca_compress_state_block_table", DSV4_I32, "R,HNP", IN, 0, LAY(hca.table)},
+    ARG_AS(LAY, "hca_cmp_kv_state", hca.kv_state, "R,HNB,HPAGE,HOD", INOUT),
+    ARG_AS(LAY, "hca_cmp_score_state", hca.score_state, "R,HNB,HPAGE,HOD", INOUT),
+    ARG_AS(LAY, "hca_compress_state_block_table", hca.table, "R,HNP", IN),
     LAYER_CMP("csa_", csa, "COD", "CR", "CNB", "CPAGE", "CSW"),
-    {"csa_cmp_kv_state", DSV4_F32, "R,CNB,CPAGE,COD", INOUT, 0, LAY(csa.kv_state)},
-    {"csa_cmp_score_state", DSV4_F32, "R,CNB,CPAGE,COD", INOUT, 0, LAY(csa.score_state)},
-    {"csa_compress_state_block_table", DSV4_I32, "R,CNP", IN, 0, LAY(csa.table)},
-    {"csa_hadamard_idx", DSV4_BF16, "R,IHD,IHD", IN, 0, LAY(blk.hadamard_idx)},
+    ARG_AS(LAY, "csa_cmp_kv_state", csa.kv_state, "R,CNB,CPAGE,COD", INOUT),
+    ARG_AS(LAY, "csa_cmp_score_state", csa.score_state, "R,CNB,CPAGE,COD", INOUT),
+    ARG_AS(LAY, "csa_compress_state_block_table", csa.table, "R,CNP", IN),
+    ARG_AS(LAY, "csa_hadamard_idx", blk.hadamard_idx, "R,IHD,IHD", IN),
     LAYER_CSA_INDEXER(0),
     LAYER_INNER,
-    {"csa_inner_kv_state", DSV4_F32, "R,INB,IPAGE,IOD", INOUT, 0, LAY(blk.inner_kv_state)},
-    {"csa_inner_score_state", DSV4_F32, "R,INB,IPAGE,IOD", INOUT, 0, LAY(blk.inner_score_state)},
-    {"csa_inner_compress_state_block_table", DSV4_I32, "R,INP", IN, 0,
-     LAY(blk.inner_compress_state_block_table)},
-    {"kv_cache", DSV4_BF16, "R,OB,BLOCK,1,HD", INOUT, 0, LAY(blk.kv_cache)},
-    {"ori_block_table", DSV4_I32, "R,OM", IN, 0, LAY(blk.ori_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.ori_slot_mapping)},
-    {"cmp_kv", DSV4_BF16, "R,CB,BLOCK,1,HD", INOUT, 0, LAY(blk.cmp_kv)},
-    {"cmp_block_table", DSV4_I32, "R,CM", IN, 0, LAY(blk.cmp_block_table)},
-    {"cmp_sparse_indices", DSV4_I32, "R,T,K", IN, 0, LAY(blk.cmp_sparse_indices)},
-    {"cmp_sparse_lens", DSV4_I32, "R,T", IN, 0, LAY(blk.cmp_sparse_lens)},
-    {"idx_kv_cache", DSV4_BF16, "R,NI,BLOCK,1,IHD", INOUT, 0, LAY(blk.idx_kv_cache)},
-    {"idx_block_table", DSV4_I32, "R,NBT", IN, 0, LAY(blk.idx_block_table)},
-    {"position_ids", DSV4_I32, "R,T", IN, 0, LAY(blk.position_ids)},
-    {"hca_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.cmp_slot_mapping)},
-    {"hca_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(hca.state_slot_mapping)},
-    {"csa_cmp_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.cmp_slot_mapping)},
-    {"csa_idx_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.idx_slot_mapping)},
-    {"csa_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(csa.state_slot_mapping)},
-    {"csa_inner_state_slot_mapping", DSV4_I64, "R,T", IN, 0, LAY(blk.inner_state_slot_mapping)},
+    ARG_AS(LAY, "csa_inner_kv_state", blk.inner_kv_state, "R,INB,IPAGE,IOD", INOUT),
+    ARG_AS(LAY, "csa_inner_score_state", blk.inner_score_state, "R,INB,IPAGE,IOD", INOUT),
+    ARG_AS(LAY, "csa_inner_compress_state_block_table", blk.inner_compress_state_block_table,
+        "R,INP", IN),
+    ARG_IN(LAY, blk, kv_cache, "R,OB,BLOCK,1,HD", INOUT),
+    ARG_IN(LAY, blk, ori_block_table, "R,OM", IN),
+    ARG_IN(LAY, blk, ori_slot_mapping, "R,T", IN),
+    ARG_IN(LAY, blk, cmp_kv, "R,CB,BLOCK,1,HD", INOUT),
+    ARG_IN(LAY, blk, cmp_block_table, "R,CM", IN),
+    ARG_IN(LAY, blk, cmp_sparse_indices, "R,T,K", IN),
+    ARG_IN(LAY, blk, cmp_sparse_lens, "R,T", IN),
+    ARG_IN(LAY, blk, idx_kv_cache, "R,NI,BLOCK,1,IHD", INOUT),
+    ARG_IN(LAY, blk, idx_block_table, "R,NBT", IN),
+    ARG_IN(LAY, blk, position_ids, "R,T", IN),
+    ARG_AS(LAY, "hca_cmp_slot_mapping", hca.cmp_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "hca_state_slot_mapping", hca.state_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_cmp_slot_mapping", csa.cmp_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_idx_slot_mapping", blk.idx_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_state_slot_mapping", csa.state_slot_mapping, "R,T", IN),
+    ARG_AS(LAY, "csa_inner_state_slot_mapping", blk.inner_state_slot_mapping, "R,T", IN),
     LAYER_OPROJ,
     LAYER_MOE,
     {0}};
-#define LAYER_SCALARS                                                                      \
-    {"layer_id", SC_INT, LAY(layer_id), 0, 0, 0.0},                                        \
-    {"compress_ratio", SC_INT, LAY(compress_ratio), PER_LAYER, 0, 0.0},                    \
-    {"num_hidden_layers", SC_INT, LAY(num_hidden_layers), 1, 0, 0.0},                      \
-    {"sliding_window", SC_INT, LAY(blk.sliding_window), 1, 0, 0.0},                        \
-    {"qk_rope_head_dim", SC_INT, LAY(blk.qk_rope_head_dim), 1, 0, 0.0},                    \
-    {"index_topk", SC_INT, LAY(blk.index_topk), 1, 0, 0.0},                                \
-    {"index_n_heads", SC_INT, LAY(blk.index_n_heads), 1, 0, 0.0},                          \
-    {"index_head_dim", SC_INT, LAY(blk.index_head_dim), 1, 0, 0.0},                        \
-    {"max_position_embeddings", SC_INT, LAY(blk.max_position_embeddings), 1, 0, 0.0},      \
-    {"hc_sinkhorn_iters", SC_INT, LAY(blk.hc_sinkhorn_iters), 1, 0, 0.0},                  \
-    {"rms_norm_eps", SC_FLOAT, LAY(blk.rms_norm_eps), 1, 0, 0.0},                          \
-    {"hc_eps", SC_FLOAT, LAY(blk.hc_eps), 1, 0, 0.0},                                      \
-    {"index_weights_scale", SC_FLOAT, LAY(blk.index_weights_scale), 1, 0, 0.0},            \
-    {"num_hash_layers", SC_INT, LAY(moe.num_hash_layers), 1, 0, 0.0},                      \
-    {"num_experts_per_tok", SC_INT, LAY(moe.num_experts_per_tok), 1, 0, 0.0},              \
-    {"routed_scaling_factor", SC_FLOAT, LAY(moe.routed_scaling_factor), 1, 0, 0.0},        \
-    {"swiglu_limit", SC_FLOAT, LAY(moe.swiglu_limit), 1, 0, 0.0}
+#define LAYER_SCALARS                                                                \
+    SCALAR(LAY, layer_id, 0, 0, 0.0),                                                \
+    SCALAR(LAY, compress_ratio, PER_LAYER, 0, 0.0),                                  \
+    SCALAR(LAY, num_hidden_layers, 1, 0, 0.0),                                       \
+    SCALAR_IN(LAY, blk, sliding_window, 1, 0, 0.0),                                  \
+    SCALAR_IN(LAY, blk, qk_rope_head_dim, 1, 0, 0.0),                                \
+    SCALAR_IN(LAY, blk, index_topk, 1, 0, 0.0),                                      \
+    SCALAR_IN(LAY, blk, index_n_heads, 1, 0, 0.0),                                   \
+    SCALAR_IN(LAY, blk, index_head_dim, 1, 0, 0.0),                                  \
+    SCALAR_IN(LAY, blk, max_position_embeddings, 1, 0, 0.0),                         \
+    SCALAR_IN(LAY, blk, hc_sinkhorn_iters, 1, 0, 0.0),                               \
+    SCALAR_IN(LAY, blk, rms_norm_eps, 1, 0, 0.0),                                    \
+    SCALAR_IN(LAY, blk, hc_eps, 1, 0, 0.0),                                          \
+    SCALAR_IN(LAY, blk, index_weights_scale, 1, 0, 0.0),                             \
+    SCALAR_IN(LAY, moe, num_hash_layers, 1, 0, 0.0),                                 \
+    SCALAR_IN(LAY, moe, num_experts_per_tok, 1, 0, 0.0),                             \
+    SCALAR_IN(LAY, moe, routed_scaling_factor, 1, 0, 0.0),                           \
+    SCALAR_IN(LAY, moe, swiglu_limit, 1, 0, 0.0)
 static const struct scalar_spec layer_scalars[] = {LAYER_SCALARS, {0}};
 
-#define MTP(f) offsetof(struct dsv4_mtp_projection_args, f)
-static const struct dim_spec mtp_dims[] = {{"T", MTP(T)}, {"HC", MTP(HC)}, {"D", MTP(D)}, {0}};
+#define MTP struct dsv4_mtp_projection_args
+static const struct dim_spec mtp_dims[] = {DIM(MTP, T), DIM(MTP, HC), DIM(MTP, D), {0}};
 static const struct arg_spec mtp_args[] = {
-    {"hidden_states", DSV4_BF16, "T,D", IN, 0, MTP(hidden_states)},
-    {"prev_hidden_states", DSV4_BF16, "T,HC,D", IN, 0, MTP(prev_hidden_states)},
-    {"enorm_w", DSV4_F32, "D", IN, 0, MTP(enorm_w)},
-    {"hnorm_w", DSV4_F32, "D", IN, 0, MTP(hnorm_w)},
-    {"e_proj_w", DSV4_I8, "D,D", IN, 0, MTP(e_proj_w)},
-    {"e_proj_w_scale", DSV4_F32, "D", IN, 0, MTP(e_proj_w_scale)},
-    {"e_proj_smooth", DSV4_F32, "D", IN, 0, MTP(e_proj_smooth)},
-    {"h_proj_w", DSV4_I8, "D,D", IN, 0, MTP(h_proj_w)},
-    {"h_proj_w_scale", DSV4_F32, "D", IN, 0, MTP(h_proj_w_scale)},
-    {"h_proj_smooth", DSV4_F32, "D", IN, 0, MTP(h_proj_smooth)},
-    {"hidden_states_out", DSV4_BF16, "T,HC,D", OUT, 0, MTP(hidden_states_out)},
+    ARG(MTP, hidden_states, "T,D", IN),
+    ARG(MTP, prev_hidden_states, "T,HC,D", IN),
+    ARG(MTP, enorm_w, "D", IN),
+    ARG(MTP, hnorm_w, "D", IN),
+    ARG(MTP, e_proj_w, "D,D", IN),
+    ARG(MTP, e_proj_w_scale, "D", IN),
+    ARG(MTP, e_proj_smooth, "D", IN),
+    ARG(MTP, h_proj_w, "D,D", IN),
+    ARG(MTP, h_proj_w_scale, "D", IN),
+    ARG(MTP, h_proj_smooth, "D", IN),
+    ARG(MTP, hidden_states_out, "T,HC,D", OUT),
     {0}};
 static const struct scalar_spec mtp_scalars[] = {
-    {"rms_norm_eps", SC_FLOAT, MTP(rms_norm_eps), 1, 0, 0.0}, {0}};
+    SCALAR(MTP, rms_norm_eps, 1, 0, 0.0), {0}};
 
-#define LMH(f) offsetof(struct dsv4_lm_head_args, f)
+#define LMH struct dsv4_lm_head_args
 static const struct dim_spec lm_head_dims[] = {
-    {"R", LMH(R)}, {"T", LMH(T)}, {"D", LMH(D)}, {"P", LMH(P)}, {"VS", LMH(VS)}, {"V", LMH(V)},
-    {0}};
+    DIM(LMH, R), DIM(LMH, T), DIM(LMH, D), DIM(LMH, P), DIM(LMH, VS), DIM(LMH, V), {0}};
 static const struct arg_spec lm_head_args[] = {
-    {"hidden_states", DSV4_BF16, "R,T,D", IN, 0, LMH(hidden_states)},
-    {"lm_head_weight", DSV4_BF16, "P,VS,D", IN, 0, LMH(lm_head_weight)},
-    {"logits", DSV4_F32, "R,T,V", OUT, 0, LMH(logits)},
+    ARG(LMH, hidden_states, "R,T,D", IN),
+    ARG(LMH, lm_head_weight, "P,VS,D", IN),
+    ARG(LMH, logits, "R,T,V", OUT),
     {0}};
 
-#define PMT(f) offsetof(struct dsv4_prefill_mtp_args, f)
+#define PMT struct dsv4_prefill_mtp_args
 static const struct dim_spec prefill_mtp_dims[] = {
-    {"R", PMT(R)}, {"T", PMT(blk.T)}, {"HC", PMT(blk.HC)}, {"D", PMT(blk.D)},
-    {"MIX", PMT(blk.MIX)}, {"HCD", PMT(blk.HCD)}, {"Q", PMT(blk.Q)}, {"HHD", PMT(blk.HHD)},
-    {"HD", PMT(blk.HD)}, {"H", PMT(blk.H)}, {"MAXS", PMT(blk.MAXS)}, {"RW", PMT(blk.RW)},
-    {"OB", PMT(blk.OB)}, {"BLOCK", PMT(blk.BLOCK)}, {"OM", PMT(blk.OM)}, {"K", PMT(blk.K)},
-    {"G", PMT(blk.G)}, {"OL", PMT(blk.OL)}, {"OGI", PMT(blk.OGI)}, {"GOL", PMT(blk.GOL)},
-    {"E", PMT(moe.E)}, {"V", PMT(moe.V)}, {"TOPK", PMT(moe.K)}, {"EL", PMT(moe.EL)},
-    {"I", PMT(moe.IE)}, {0}};
+    DIM(PMT, R),
+    DIM_IN(PMT, blk, T), DIM_IN(PMT, blk, HC), DIM_IN(PMT, blk, D), DIM_IN(PMT, blk, MIX),
+    DIM_IN(PMT, blk, HCD), DIM_IN(PMT, blk, Q), DIM_IN(PMT, blk, HHD), DIM_IN(PMT, blk, HD),
+    DIM_IN(PMT, blk, H), DIM_IN(PMT, blk, MAXS), DIM_IN(PMT, blk, RW), DIM_IN(PMT, blk, OB),
+    DIM_IN(PMT, blk, BLOCK), DIM_IN(PMT, blk, OM), DIM_IN(PMT, blk, K), DIM_IN(PMT, blk, G),
+    DIM_IN(PMT, blk, OL), DIM_IN(PMT, blk, OGI), DIM_IN(PMT, blk, GOL),
+    DIM_IN(PMT, moe, E), DIM_IN(PMT, moe, V), DIM_AS(PMT, "TOPK", moe.K), DIM_IN(PMT, moe, EL),
+    DIM_AS(PMT, "I", moe.IE), {0}};
 static const struct arg_spec prefill_mtp_args[] = {
-    {"hidden_states", DSV4_BF16, "R,T,D", IN, 0, PMT(proj.hidden_states)},
-    {"prev_hidden_states", DSV4_BF16, "R,T,HC,D", IN, 0, PMT(proj.prev_hidden_states)},
-    {"enorm_w", DSV4_F32, "R,D", IN, 0, PMT(proj.enorm_w)},
-    {"hnorm_w", DSV4_F32, "R,D", IN, 0, PMT(proj.hnorm_w)},
-    {"e_proj_w", DSV4_I8, "R,D,D", IN, 0, PMT(proj.e_proj_w)},
-    {"e_proj_w_scale", DSV4_F32, "R,D", IN, 0, PMT(proj.e_proj_w_scale)},
-    {"e_proj_smooth", DSV4_F32, "R,D", IN, 0, PMT(proj.e_proj_smooth)},
-    {"h_proj_w", DSV4_I8, "R,D,D", IN, 0, PMT(proj.h_proj_w)},
-    {"h_proj_w_scale", DSV4_F32, "R,D", IN, 0, PMT(proj.h_proj_w_scale)},
-    {"h_proj_smooth", DSV4_F32, "R,D", IN, 0, PMT(proj.h_proj_smooth)},
-    {"hc_attn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, PMT(blk.hc_attn_fn)},
-    {"hc_attn_scale", DSV4_F32, "R,3", IN, 0, PMT(blk.hc_attn_scale)},
-    {"hc_attn_base", DSV4_F32, "R,MIX", IN, 0, PMT(blk.hc_attn_base)},
-    {"attn_norm_w", DSV4_BF16, "R,D", IN, 0, PMT(blk.attn_norm_w)},
-    {"wq_a", DSV4_BF16, "R,D,Q", IN, 0, PMT(blk.wq_a)},
-    {"wq_b", DSV4_I8, "R,Q,HHD", IN, 0, PMT(blk.wq_b)},
-    {"wq_b_scale", DSV4_F32, "R,HHD", IN, 0, PMT(blk.wq_b_scale)},
-    {"wkv", DSV4_BF16, "R,D,HD", IN, 0, PMT(blk.wkv)},
-    {"gamma_cq", DSV4_BF16, "R,Q", IN, 0, PMT(blk.gamma_cq)},
-    {"gamma_ckv", DSV4_BF16, "R,HD", IN, 0, PMT(blk.gamma_ckv)},
-    {"freqs_cos", DSV4_BF16, "R,MAXS,RW", IN, 0, PMT(blk.freqs_cos)},
-    {"freqs_sin", DSV4_BF16, "R,MAXS,RW", IN, 0, PMT(blk.freqs_sin)},
-    {"kv_cache", DSV4_BF16, "R,OB,BLOCK,1,HD", INOUT, 0, PMT(blk.kv_cache)},
-    {"ori_block_table", DSV4_I32, "R,OM", IN, 0, PMT(blk.ori_block_table)},
-    {"ori_slot_mapping", DSV4_I64, "R,T", IN, 0, PMT(blk.ori_slot_mapping)},
-    {"cmp_sparse_indices", DSV4_I32, "R,T,K", IN, 0, PMT(blk.cmp_sparse_indices)},
-    {"cmp_sparse_lens", DSV4_I32, "R,T", IN, 0, PMT(blk.cmp_sparse_lens)},
-    {"position_ids", DSV4_I32, "R,T", IN, 0, PMT(blk.position_ids)},
-    {"attn_sink", DSV4_F32, "R,H", IN, 0, PMT(blk.attn_sink)},
-    {"wo_a", DSV4_BF16, "R,G,OL,OGI", IN, 0, PMT(blk.wo_a)},
-    {"wo_b", DSV4_I8, "R,D,GOL", IN, 0, PMT(blk.wo_b)},
-    {"wo_b_scale", DSV4_F32, "R,D", IN, 0, PMT(blk.wo_b_scale)},
-    {"hc_ffn_fn", DSV4_F32, "R,MIX,HCD", IN, 0, PMT(moe.hc_ffn_fn)},
-    {"hc_ffn_scale", DSV4_F32, "R,3", IN, 0, PMT(moe.hc_ffn_scale)},
-    {"hc_ffn_base", DSV4_F32, "R,MIX", IN, 0, PMT(moe.hc_ffn_base)},
-    {"norm_w", DSV4_BF16, "R,D", IN, 0, PMT(moe.norm_w)},
-    {"gate_w", DSV4_F32, "R,E,D", IN, 0, PMT(moe.gate_w)},
-    {"gate_bias", DSV4_F32, "R,E", IN, 0, PMT(moe.gate_bias)},
-    {"tid2eid", DSV4_I32, "R,V,TOPK", IN, 0, PMT(moe.tid2eid)},
-    {"input_ids", DSV4_I64, "R,T", IN, 0, PMT(moe.input_ids)},
-    {"routed_w1", DSV4_I8, "R,EL,I,D", IN, 0, PMT(moe.routed_w1)},
-    {"routed_w1_scale", DSV4_F32, "R,EL,I", IN, 0, PMT(moe.routed_w1_scale)},
-    {"routed_w3", DSV4_I8, "R,EL,I,D", IN, 0, PMT(moe.routed_w3)},
-    {"routed_w3_scale", DSV4_F32, "R,EL,I", IN, 0, PMT(moe.routed_w3_scale)},
-    {"routed_w2", DSV4_I8, "R,EL,D,I", IN, 0, PMT(moe.routed_w2)},
-    {"routed_w2_scale", DSV4_F32, "R,EL,D", IN, 0, PMT(moe.routed_w2_scale)},
-    {"shared_w1", DSV4_I8, "R,I,D", IN, 0, PMT(moe.shared_w1)},
-    {"shared_w1_scale", DSV4_F32, "R,I", IN, 0, PMT(moe.shared_w1_scale)},
-    {"shared_w3", DSV4_I8, "R,I,D", IN, 0, PMT(moe.shared_w3)},
-    {"shared_w3_scale", DSV4_F32, "R,I", IN, 0, PMT(moe.shared_w3_scale)},
-    {"shared_w2", DSV4_I8, "R,D,I", IN, 0, PMT(moe.shared_w2)},
-    {"shared_w2_scale", DSV4_F32, "R,D", IN, 0, PMT(moe.shared_w2_scale)},
-    {"mtp_hc_head_fn", DSV4_F32, "R,HC,HCD", IN, 0, PMT(head.hc_head_fn)},
-    {"mtp_hc_head_scale", DSV4_F32, "R,1", IN, 0, PMT(head.hc_head_scale)},
-    {"mtp_hc_head_base", DSV4_F32, "R,HC", IN, 0, PMT(head.hc_head_base)},
-    {"mtp_norm_w", DSV4_BF16, "R,D", IN, 0, PMT(mtp_norm_w)},
-    {"hidden_out", DSV4_BF16, "R,T,D", OUT, 0, PMT(hidden_out)},
-    {"pre_hc_hidden_out", DSV4_BF16, "R,T,HC,D", OUT, 0, PMT(moe.x_next)},
-    {"projected", DSV4_BF16, "R,T,HC,D", STAGE, 0, PMT(projected)},
-    {"x_attn", DSV4_BF16, "R,T,HC,D", STAGE, 0, PMT(x_attn)},
-    {"x_head", DSV4_BF16, "R,T,D", STAGE, 0, PMT(x_head)},
+    ARG_IN(PMT, proj, hidden_states, "R,T,D", IN),
+    ARG_IN(PMT, proj, prev_hidden_states, "R,T,HC,D", IN),
+    ARG_IN(PMT, proj, enorm_w, "R,D", IN),
+    ARG_IN(PMT, proj, hnorm_w, "R,D", IN),
+    ARG_IN(PMT, proj, e_proj_w, "R,D,D", IN),
+    ARG_IN(PMT, proj, e_proj_w_scale, "R,D", IN),
+    ARG_IN(PMT, proj, e_proj_smooth, "R,D", IN),
+    ARG_IN(PMT, proj, h_proj_w, "R,D,D", IN),
+    ARG_IN(PMT, proj, h_proj_w_scale, "R,D", IN),
+    ARG_IN(PMT, proj, h_proj_smooth, "R,D", IN),
+    ARG_IN(PMT, blk, hc_attn_fn, "R,MIX,HCD", IN),
+    ARG_IN(PMT, blk, hc_attn_scale, "R,3", IN),
+    ARG_IN(PMT, blk, hc_attn_base, "R,MIX", IN),
+    ARG_IN(PMT, blk, attn_norm_w, "R,D", IN),
+    ARG_IN(PMT, blk, wq_a, "R,D,Q", IN),
+    ARG_IN(PMT, blk, wq_b, "R,Q,HHD", IN),
+    ARG_IN(PMT, blk, wq_b_scale, "R,HHD", IN),
+    ARG_IN(PMT, blk, wkv, "R,D,HD", IN),
+    ARG_IN(PMT, blk, gamma_cq, "R,Q", IN),
+    ARG_IN(PMT, blk, gamma_ckv, "R,HD", IN),
+    ARG_IN(PMT, blk, freqs_cos, "R,MAXS,RW", IN),
+    ARG_IN(PMT, blk, freqs_sin, "R,MAXS,RW", IN),
+    ARG_IN(PMT, blk, kv_cache, "R,OB,BLOCK,1,HD", INOUT),
+    ARG_IN(PMT, blk, ori_block_table, "R,OM", IN),
+    ARG_IN(PMT, blk, ori_slot_mapping, "R,T", IN),
+    ARG_IN(PMT, blk, cmp_sparse_indices, "R,T,K", IN),
+    ARG_IN(PMT, blk, cmp_sparse_lens, "R,T", IN),
+    ARG_IN(PMT, blk, position_ids, "R,T", IN),
+    ARG_IN(PMT, blk, attn_sink, "R,H", IN),
+    ARG_IN(PMT, blk, wo_a, "R,G,OL,OGI", IN),
+    ARG_IN(PMT, blk, wo_b, "R,D,GOL", IN),
+    ARG_IN(PMT, blk, wo_b_scale, "R,D", IN),
+    ARG_IN(PMT, moe, hc_ffn_fn, "R,MIX,HCD", IN),
+    ARG_IN(PMT, moe, hc_ffn_scale, "R,3", IN),
+    ARG_IN(PMT, moe, hc_ffn_base, "R,MIX", IN),
+    ARG_IN(PMT, moe, norm_w, "R,D", IN),
+    ARG_IN(PMT, moe, gate_w, "R,E,D", IN),
+    ARG_IN(PMT, moe, gate_bias, "R,E", IN),
+    ARG_IN(PMT, moe, tid2eid, "R,V,TOPK", IN),
+    ARG_IN(PMT, moe, input_ids, "R,T", IN),
+    ARG_IN(PMT, moe, routed_w1, "R,EL,I,D", IN),
+    ARG_IN(PMT, moe, routed_w1_scale, "R,EL,I", IN),
+    ARG_IN(PMT, moe, routed_w3, "R,EL,I,D", IN),
+    ARG_IN(PMT, moe, routed_w3_scale, "R,EL,I", IN),
+    ARG_IN(PMT, moe, routed_w2, "R,EL,D,I", IN),
+    ARG_IN(PMT, moe, routed_w2_scale, "R,EL,D", IN),
+    ARG_IN(PMT, moe, shared_w1, "R,I,D", IN),
+    ARG_IN(PMT, moe, shared_w1_scale, "R,I", IN),
+    ARG_IN(PMT, moe, shared_w3, "R,I,D", IN),
+    ARG_IN(PMT, moe, shared_w3_scale, "R,I", IN),
+    ARG_IN(PMT, moe, shared_w2, "R,D,I", IN),
+    ARG_IN(PMT, moe, shared_w2_scale, "R,D", IN),
+    ARG_AS(PMT, "mtp_hc_head_fn", head.hc_head_fn, "R,HC,HCD", IN),
+    ARG_AS(PMT, "mtp_hc_head_scale", head.hc_head_scale, "R,1", IN),
+    ARG_AS(PMT, "mtp_hc_head_base", head.hc_head_base, "R,HC", IN),
+    ARG(PMT, mtp_norm_w, "R,D", IN),
+    ARG(PMT, hidden_out, "R,T,D", OUT),
+    ARG_AS(PMT, "pre_hc_hidden_out", moe.x_next, "R,T,HC,D", OUT),
+    ARG(PMT, projected, "R,T,HC,D", STAGE),
+    ARG(PMT, x_attn, "R,T,HC,D", STAGE),
+    ARG(PMT, x_head, "R,T,D", STAGE),
     {0}};
 static const struct scalar_spec prefill_mtp_scalars[] = {
-    {"num_tokens", SC_INT, PMT(num_tokens), 0, ALL_ROWS, 0.0},
-    {"num_hidden_layers", SC_INT, PMT(num_hidden_layers), 1, 0, 0.0},
-    {"sliding_window", SC_INT, PMT(blk.sliding_window), 1, 0, 0.0},
-    {"qk_rope_head_dim", SC_INT, PMT(blk.qk_rope_head_dim), 1, 0, 0.0},
-    {"index_topk", SC_INT, PMT(blk.index_topk), 1, 0, 0.0},
-    {"index_n_heads", SC_INT, PMT(blk.index_n_heads), 1, 0, 0.0},
-    {"index_head_dim", SC_INT, PMT(blk.index_head_dim), 1, 0, 0.0},
-    {"max_position_embeddings", SC_INT, PMT(blk.max_position_embeddings), 1, 0, 0.0},
-    {"hc_sinkhorn_iters", SC_INT, PMT(blk.hc_sinkhorn_iters), 1, 0, 0.0},
-    {"rms_norm_eps", SC_FLOAT, PMT(blk.rms_norm_eps), 1, 0, 0.0},
-    {"hc_eps", SC_FLOAT, PMT(blk.hc_eps), 1, 0, 0.0},
-    {"index_weights_scale", SC_FLOAT, PMT(blk.index_weights_scale), 1, 0, 0.0},
-    {"num_hash_layers", SC_INT, PMT(moe.num_hash_layers), 1, 0, 0.0},
-    {"num_experts_per_tok", SC_INT, PMT(moe.num_experts_per_tok), 1, 0, 0.0},
-    {"routed_scaling_factor", SC_FLOAT, PMT(moe.routed_scaling_factor), 1, 0, 0.0},
-    {"swiglu_limit", SC_FLOAT, PMT(moe.swiglu_limit), 1, 0, 0.0},
+    SCALAR(PMT, num_tokens, 0, ALL_ROWS, 0.0),
+    SCALAR(PMT, num_hidden_layers, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, sliding_window, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, qk_rope_head_dim, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, index_topk, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, index_n_heads, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, index_head_dim, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, max_position_embeddings, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, hc_sinkhorn_iters, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, rms_norm_eps, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, hc_eps, 1, 0, 0.0),
+    SCALAR_IN(PMT, blk, index_weights_scale, 1, 0, 0.0),
+    SCALAR_IN(PMT, moe, num_hash_layers, 1, 0, 0.0),
+    SCALAR_IN(PMT, moe, num_experts_per_tok, 1, 0, 0.0),
+    SCALAR_IN(PMT, moe, routed_scaling_factor, 1, 0, 0.0),
+    SCALAR_IN(PMT, moe, swiglu_limit, 1, 0, 0.0),
     {0}};
 
-#define CAST(f) offsetof(struct dsv4_cast_args, f)
-static const struct dim_spec cast_dims[] = {{"N", CAST(N)}, {0}};
+#define CAST struct dsv4_cast_args
+static const struct dim_spec cast_dims[] = {DIM(CAST, N), {0}};
 static const struct arg_spec f32_bf16_args[] = {
-    {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_BF16, "N", OUT, 0, CAST(y)}, {0}};
+    ARG_DT(CAST, x, DSV4_F32, "N", IN), ARG_DT(CAST, y, DSV4_BF16, "N", OUT), {0}};
 static const struct arg_spec f32_fp8_args[] = {
-    {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_FP8, "N", OUT, 0, CAST(y)}, {0}};
+    ARG_DT(CAST, x, DSV4_F32, "N", IN), ARG_DT(CAST, y, DSV4_FP8, "N", OUT), {0}};
 static const struct arg_spec f32_f32_args[] = {
-    {"x", DSV4_F32, "N", IN, 0, CAST(x)}, {"y", DSV4_F32, "N", OUT, 0, CAST(y)}, {0}};
+    ARG_DT(CAST, x, DSV4_F32, "N", IN), ARG_DT(CAST, y, DSV4_F32, "N", OUT), {0}};
 static const struct arg_spec fp8_f32_args[] = {
-    {"x", DSV4_FP8, "N", IN, 0, CAST(x)}, {"y", DSV4_F32, "N", OUT, 0, CAST(y)}, {0}};
+    ARG_DT(CAST, x, DSV4_FP8, "N", IN), ARG_DT(CAST, y, DSV4_F32, "N", OUT), {0}};
 
-#define QI8(f) offsetof(struct dsv4_quant_int8_args, f)
-static const struct dim_spec qi8_dims[] = {{"M", QI8(M)}, {"N", QI8(N)}, {0}};
+#define QI8 struct dsv4_quant_int8_args
+static const struct dim_spec qi8_dims[] = {DIM(QI8, M), DIM(QI8, N), {0}};
 static const struct arg_spec qi8_args[] = {
-    {"x", DSV4_F32, "M,N", IN, 0, QI8(x)},
-    {"y", DSV4_I8, "M,N", OUT, 0, QI8(y)},
-    {"scale", DSV4_F32, "M,1", OUT, 0, QI8(scale)},
+    ARG(QI8, x, "M,N", IN),
+    ARG(QI8, y, "M,N", OUT),
+    ARG(QI8, scale, "M,1", OUT),
     {0}};
 
-#define MM(f) offsetof(struct dsv4_matmul_args, f)
-static const struct dim_spec mm_dims[] = {{"M", MM(M)}, {"K", MM(K)}, {"N", MM(N)}, {0}};
+#define MM struct dsv4_matmul_args
+static const struct dim_spec mm_dims[] = {DIM(MM, M), DIM(MM, K), DIM(MM, N), {0}};
 static const struct arg_spec mm_bf16_args[] = {
-    {"a", DSV4_BF16, "M,K", IN, 0, MM(a)},
-    {"b", DSV4_BF16, "K,N", IN, 0, MM(b)},
-    {"c", DSV4_F32, "M,N", OUT, 0, MM(c)},
+    ARG_DT(MM, a, DSV4_BF16, "M,K", IN),
+    ARG_DT(MM, b, DSV4_BF16, "K,N", IN),
+    ARG_DT(MM, c, DSV4_F32, "M,N", OUT),
     {0}};
 static const struct arg_spec mm_i8_args[] = {
-    {"a", DSV4_I8, "M,K", IN, 0, MM(a)},
-    {"b", DSV4_I8, "K,N", IN, 0, MM(b)},
-    {"c", DSV4_I32, "M,N", OUT, 0, MM(c)},
+    ARG_DT(MM, a, DSV4_I8, "M,K", IN),
+    ARG_DT(MM, b, DSV4_I8, "K,N", IN),
+    ARG_DT(MM, c, DSV4_I32, "M,N", OUT),
     {0}};
 static const struct arg_spec mm_i8_nt_args[] = {
-    {"a", DSV4_I8, "M,K", IN, 0, MM(a)},
-    {"b", DSV4_I8, "N,K", IN, 0, MM(b)},
-    {"c", DSV4_I32, "M,N", OUT, 0, MM(c)},
+    ARG_DT(MM, a, DSV4_I8, "M,K", IN),
+    ARG_DT(MM, b, DSV4_I8, "N,K", IN),
+    ARG_DT(MM, c, DSV4_I32, "M,N", OUT),
     {0}};
 
-#define ROPE(f) offsetof(struct dsv4_rope_args, f)
-static const struct dim_spec rope_dims[] = {{"M", ROPE(M)}, {"R", ROPE(R)}, {"RW", ROPE(RW)}, {0}};
+#define ROPE struct dsv4_rope_args
+static const struct dim_spec rope_dims[] = {DIM(ROPE, M), DIM(ROPE, R), DIM(ROPE, RW), {0}};
 static const struct arg_spec rope_args[] = {
-    {"x", DSV4_F32, "M,R", IN, 0, ROPE(x)},
-    {"cos", DSV4_BF16, "M,RW", IN, 0, ROPE(cos)},
-    {"sin", DSV4_BF16, "M,RW", IN, 0, ROPE(sin)},
-    {"y", DSV4_BF16, "M,R", OUT, 0, ROPE(y)},
+    ARG(ROPE, x, "M,R", IN),
+    ARG(ROPE, cos, "M,RW", IN),
+    ARG(ROPE, sin, "M,RW", IN),
+    ARG(ROPE, y, "M,R", OUT),
     {0}};
 
 static const struct scalar_spec no_scalars[] = {{0}};
 
-#define ROW(NAME, DOC, INTERNAL, VAR, S, ARGS, SCALARS, DIMS, FN)                         \
-    {NAME, DOC, INTERNAL, VAR, sizeof(struct S), offsetof(struct S, variant),            \
-     offsetof(struct S, scratch), ARGS, SCALARS, DIMS, FN##_prepare, FN}
+#define ROW(NAME, DOC, INTERNAL, VAR, S, ARGS, SCALARS, DIMS, FN)                        \
+    {NAME, DOC, INTERNAL, VAR, sizeof(struct S),                                         \
+     offsetof(struct S, variant) +                                                       \
+         CHECK(IS_TYPE(FIELD(struct S, variant), int), #S ": variant must be an int"),   \
+     offsetof(struct S, scratch) +                                                       \
+         CHECK(IS_TYPE(FIELD(struct S, scratch), void *), #S ": scratch must be void *"), \
+     ARGS, SCALARS, DIMS, FN##_prepare, FN}
 
 static const struct kernel_spec kernels[] = {
     ROW("rms_norm",

@@ -308,7 +308,7 @@ _INOUTS = {
 }
 
 
-def make(kern, ops, doc):
+def make(kern, ops, doc, module="dsv4"):
     """dsv4.<kern> or dsv4.golden.<kern>: `ops()` gives (layer, hc_head, rms_norm, lm_head)."""
     prefill = kern == "prefill_fwd"
     layer = ops()[0]
@@ -344,6 +344,7 @@ def make(kern, ops, doc):
     forward.__signature__ = sig
     forward.__name__ = forward.__qualname__ = kern
     forward.__doc__ = doc
+    forward.__module__ = module
     out = "x_out" if prefill else "hidden_out"
     forward.outputs = (out, "logits")
     forward.inouts = _INOUTS[kern]

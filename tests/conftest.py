@@ -21,6 +21,19 @@ def isa():
     dsv4.set_isa(before)
 
 
+def small_params(kernel, params=None):
+    """Builder arguments of a small case of `kernel`: `params` (default: its first deployment
+    case, dsv4.specs.CASES) with T = 3, B = 2 and S at most 3."""
+    params = dict(params or next(iter(dsv4.specs.CASES[kernel].values())))
+    if "T" in params:
+        params["T"] = 3
+    if "B" in params:
+        params["B"] = 2
+    if "S" in params:
+        params["S"] = min(params["S"], 3)
+    return params
+
+
 def same_bits(a, b):
     """Arrays equal bit for bit (NaN payloads included)."""
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)

@@ -11,18 +11,18 @@ import dsv4
 from dsv4.bisect import bisect
 from dsv4.check import fresh
 from dsv4.golden.numerics import BF16, matmul_i8
+from conftest import small_params
 
 SMALL = dataclasses.replace(
     dsv4.FLASH, name="small", hidden_size=256, q_lora_rank=128, num_attention_heads=4,
     head_dim=96, qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
     n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
 
-# builder arguments of a small case of every kernel, under SMALL
+# builder arguments, under SMALL, where a kernel's small case (conftest.small_params) will not do
 CASES = {
-    "rms_norm": dict(T=3), "qkv_proj_rope": dict(T=3), "decode_qkv_proj_rope": dict(B=2, S=2),
-    "prefill_qkv_proj_rope": dict(B=1, S=5, start_pos=7), "hc_pre": dict(T=3),
-    "hc_post": dict(T=3), "hc_head": dict(T=3), "gate": dict(T=5, layer_id=10, num_tokens=4),
-    "expert_routed": dict(T=4, n_local_experts=2), "expert_shared": dict(T=3),
+    "decode_qkv_proj_rope": dict(B=2, S=2), "prefill_qkv_proj_rope": dict(B=1, S=5, start_pos=7),
+    "gate": dict(T=5, layer_id=10, num_tokens=4),
+    "expert_routed": dict(T=4, n_local_experts=2),
     "moe": dict(T=4, n_ranks=2, layer_id=10, n_local_experts=4),
     "prefill_sparse_attn": dict(T=8), "decode_sparse_attn": dict(B=2, S=1),
     "decode_sparse_attn_hca": dict(B=2, S=1), "decode_sparse_attn_swa": dict(B=2, S=2),
@@ -32,19 +32,19 @@ CASES = {
     "prefill_compressor_ratio128": dict(T=16, start_pos=120),
     "decode_indexer_compressor": dict(B=4), "prefill_indexer_compressor": dict(T=16, start_pos=5),
     "decode_indexer": dict(B=4), "prefill_indexer": dict(T=16, start_pos=5),
-    "decode_attention_swa": dict(B=2), "decode_attention_hca": dict(B=2),
-    "decode_attention_csa": dict(B=2), "prefill_attention_swa": dict(T=16),
+    "prefill_attention_swa": dict(T=16),
     "prefill_attention_hca": dict(T=16), "prefill_attention_csa": dict(T=16),
     "decode_layer": dict(start_pos=1000, layer_id=2, n_local_experts=4),
     "prefill_layer": dict(layer_id=2, chunk_lens=(5,), n_local_experts=4),
-    "mtp_projection": dict(T=3), "lm_head": dict(T=3),
     "prefill_mtp": dict(num_tokens=5, n_local_experts=4),
 }
-GOLDENS = [k for k in dsv4.golden.__all__ if k != "numerics"]
+# bisect works on the kernels of the C table
+GOLDENS = [k for k in dsv4.golden.__all__ if k in dsv4.KERNELS]
 
 
 def inputs_of(kernel, seed=3):
-    return getattr(dsv4.specs, kernel)(**CASES[kernel], seed=seed, config=SMALL)
+    params = CASES[kernel] if kernel in CASES else small_params(kernel)
+    return getattr(dsv4.specs, kernel)(**params, seed=seed, config=SMALL)
 
 
 def config_kw(fn):
@@ -78,8 +78,8 @@ def broken_from(order, dump, stage):
     return {n: (perturb(v) if order.index(n) >= i else v) for n, v in dump.items()}
 
 
-def test_all_kernels_have_a_case():
-    assert set(CASES) == set(GOLDENS) == set(dsv4.KERNELS)
+def test_every_case_is_a_kernel():
+    assert set(CASES) <= set(GOLDENS)
 
 
 # ---- every golden: stages=True changes no bit, and its docstring names every stage ----

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import dsv4
+from dsv4._families import FAMILIES, NAMES
 from dsv4.check import fresh
 from dsv4.compare import compare_outputs
-from conftest import same_bits
+from conftest import same_bits, small_params
 
 KERNELS = sorted(dsv4.KERNELS)
 
@@ -105,14 +106,7 @@ SMALL_CASES = {"decode_layer": dict(layer_id=0, n_local_experts=4),
 
 
 def small_inputs(kernel, seed=7):
-    params = dict(SMALL_CASES.get(kernel) or next(iter(dsv4.specs.CASES[kernel].values())))
-    if "T" in params:
-        params["T"] = 3
-    if "B" in params:
-        params.update(B=2)
-    if "S" in params:
-        params["S"] = min(params["S"], 3)
-    return getattr(dsv4.specs, kernel)(**params, seed=seed)
+    return getattr(dsv4.specs, kernel)(**small_params(kernel, SMALL_CASES.get(kernel)), seed=seed)
 
 
 # the layers compose blocks and the MoE, whose paths the other kernels' cases cover at full
@@ -234,6 +228,17 @@ def test_inputs_unchanged(kernel):
 
 
 # ---- one name, four places -------------------------------------------------------
+
+def test_every_kernel_has_one_family():
+    # dsv4.golden and dsv4.specs take their names from this registry
+    assert len(set(NAMES)) == len(NAMES)
+    assert set(KERNELS) <= set(NAMES)
+    for family, names in FAMILIES.items():
+        for name in names:
+            assert callable(getattr(dsv4, name)), name
+            assert getattr(dsv4.golden, name).__module__ == f"dsv4.golden.{family}", name
+            assert getattr(dsv4.specs, name).__module__ == f"dsv4.specs.{family}", name
+
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_names_are_symmetric(kernel):

@@ -12,7 +12,7 @@ import pytest
 import dsv4
 from dsv4.check import fresh
 from dsv4.compare import compare_outputs
-from conftest import same_bits
+from conftest import same_bits, small_params
 from test_kernels import SMALL, SMALL_LAYER, SMALL_LAYER_CASES
 
 FLOATS = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn))
@@ -31,10 +31,7 @@ def inputs_of(kernel):
         params = LAYER_CASES[kernel]
     else:
         cfg = SMALL_CFG
-        params = dict(next(iter(dsv4.specs.CASES[kernel].values())))
-        params.update({"T": 3} if "T" in params else {})
-        params.update({"B": 2} if "B" in params else {})
-        params.update({"S": min(params["S"], 3)} if "S" in params else {})
+        params = small_params(kernel)
     takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters
     return (getattr(dsv4.specs, kernel)(**params, seed=11, config=cfg),
             {"config": cfg} if takes_config else {})

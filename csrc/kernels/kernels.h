@@ -1,6 +1,9 @@
 /* Argument structs and entry points of every kernel. Fields are named after
  * pypto-lib's tensors; sizes are int64_t; pointers are const unless written.
- * `variant` is set from the kernel table; `scratch` is sized by prepare(). */
+ * `variant` is set from the kernel table; `scratch` is sized by prepare().
+ * A field's type is the one declaration of its argument's dtype: the kernel
+ * table in module.c reads it from here (and does not compile if a row's role
+ * disagrees with the field's constness). */
 #ifndef DSV4_KERNELS_H
 #define DSV4_KERNELS_H
 

@@ -18,6 +18,6 @@ def _prefill_ops():
 
 
 decode_fwd = _forward.make("decode_fwd", _ops, _forward.DECODE_DOC
-                           + "\n    NumPy golden: every layer is dsv4.golden.decode_layer.")
+                           + "\n    NumPy golden: every layer is dsv4.golden.decode_layer.", __name__)
 prefill_fwd = _forward.make("prefill_fwd", _prefill_ops, _forward.PREFILL_DOC
-                            + "\n    NumPy golden: every layer is dsv4.golden.prefill_layer.")
+                            + "\n    NumPy golden: every layer is dsv4.golden.prefill_layer.", __name__)
