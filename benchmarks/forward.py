@@ -4,8 +4,9 @@
     python benchmarks/forward.py flash DIR [--layers 4] [--experts 32] [--prefill]
 
 demo: the DEMO config's 8 layers (dsv4.specs.decode_fwd / prefill_fwd, 2 ranks x 4 local
-experts): C and, with --golden, the NumPy golden; each layer's x_next checked with the
-layer comparator (stages=True).
+experts): C and, with --golden, the NumPy golden; each C layer's x_next checked with the
+layer comparator against the golden layer on the same input (dsv4.forward.each_layer),
+and against the chained golden forward.
 
 flash: the first --layers layers of FLASH (default 4: SWA, SWA, CSA, HCA) with 2 ranks x
 --experts local experts, every layer's tensors written once to DIR as raw files (about
@@ -57,10 +58,15 @@ def demo(args):
             cmp = dsv4.specs.COMPARATORS[layer]["x_next"]
             meta = {} if kern == "decode_fwd" else dsv4.prefill_metadata(
                 (128,), layer_id=0, config="demo")
-            for L in range(runs["C"]["stages"]["x_next"].shape[0]):
-                r = cmp(runs["C"]["stages"]["x_next"][L], runs["golden"]["stages"]["x_next"][L],
-                        name=f"x_next[{L}]", inputs=meta)
-                print(f"  layer {L}: {r.message.splitlines()[0]}")
+            cx = runs["C"]["stages"]["x_next"]
+            # each golden layer on the C forward's input to it, and the chained outputs
+            own = dsv4.forward.each_layer(kern, d, cx, golden=True, config="demo")
+            for L in range(cx.shape[0]):
+                for what, want in (("own input", own[L]),
+                                   ("chained", runs["golden"]["stages"]["x_next"][L])):
+                    r = cmp(cx[L], want, name=f"x_next[{L}] {what}", inputs=meta)
+                    print(f"  layer {L}: {' '.join(r.message.splitlines()[0].split()[:4])} "
+                          f"{r.message.splitlines()[2].strip()}")
             name = "hidden_out" if kern == "decode_fwd" else "x_out"
             r = dsv4.specs.COMPARATORS[kern][name](runs["C"][name], runs["golden"][name],
                                                     name=name, inputs=meta)

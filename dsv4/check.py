@@ -41,13 +41,17 @@ def axes(kernel):
             if a["role"] in ("out", "inout", "stage")}
 
 
-def _per_layer(kernel, actual, exp, names, cmps):
+def _per_layer(kernel, actual, exp, names, cmps, inputs, config):
     """A forward's x_next stage [layers, ...] as one entry per layer, x_next[L], each with
-    the layer's x_next comparator: the report shows the first layer that departs."""
+    the layer's x_next comparator and each against the layer run on the input the caller's
+    forward gave it (dsv4.forward.each_layer): the first failing entry is the first layer
+    that made an error of its own."""
     if kernel not in DRIVERS or "x_next" not in actual or "x_next" not in exp \
             or np.shape(actual["x_next"]) != np.shape(exp["x_next"]):
         return actual, exp
-    a, e = actual.pop("x_next"), exp.pop("x_next")
+    a = actual.pop("x_next")
+    exp.pop("x_next")
+    e = _forward.each_layer(kernel, inputs, a, **({} if config is None else {"config": config}))
     cmp = specs.COMPARATORS[kernel.replace("_fwd", "_layer")]["x_next"]
     for L in range(len(e)):
         actual[f"x_next[{L}]"], exp[f"x_next[{L}]"] = a[L], e[L]
@@ -180,7 +184,7 @@ def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=No
     cmps.update((n, stage_comparator(np.asarray(exp[n]).dtype)) for n in exp
                 if n not in cmps and n not in fn.outputs + fn.inouts)
     cmps.update(comparators or {})
-    actual, exp = _per_layer(kernel, dict(actual), exp, names, cmps)
+    actual, exp = _per_layer(kernel, dict(actual), exp, names, cmps, inputs, config)
     report = compare_outputs(actual, exp, cmps, inputs=inputs, axes=names)
     for n in actual:
         if n not in exp:

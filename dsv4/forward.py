@@ -198,8 +198,11 @@ def _rope(kw, kind, rope, cfg, cache):
 
 
 def run(kern, ops, x_hc, given, *, layers, layer_weights, stacked_layers, rope, lm_head_weight,
-        stages, config, prefill):
-    """The forward driver: `ops` = (layer, hc_head, rms_norm, lm_head) functions, C or golden."""
+        stages, config, prefill, forced=None):
+    """The forward driver: `ops` = (layer, hc_head, rms_norm, lm_head) functions, C or golden.
+    With `forced` (each layer's output [layers, ...]), layer L runs on forced[L - 1]
+    instead of its predecessor's output, on copies of its caches, and the driver returns
+    {"x_next": the layers' outputs}."""
     layer_fn, hc_head, rms_norm, lm_head = ops
     cfg = get_config(config)
     if rope not in ROPE:
@@ -262,6 +265,12 @@ def run(kern, ops, x_hc, given, *, layers, layer_weights, stacked_layers, rope, 
         t = src.tensors(L)
         kw = layer_args(L, kind, t, rope_cache)
         ckw = _contiguous(kw)
+        if forced is not None:
+            x_in = x if L == 0 else np.ascontiguousarray(forced[L - 1])
+            ckw = {n: (v.copy() if n in _INOUTS[kern] and v is t.get(n) else v)
+                   for n, v in ckw.items()}
+            per_layer_out.append(layer_fn(x_hc=x_in, **ckw, layer_id=L, config=cfg)["x_next"])
+            continue
         out = layer_fn(x_hc=x, **ckw, layer_id=L, config=cfg)
         for n, v in t.items():          # write back the caches a copy stood in for
             if ckw[n] is not v and isinstance(v, np.ndarray) and v.flags.writeable \
@@ -272,6 +281,8 @@ def run(kern, ops, x_hc, given, *, layers, layer_weights, stacked_layers, rope, 
             per_layer_out.append(x)
         del t, kw, ckw, out
 
+    if forced is not None:
+        return {"x_next": np.stack(per_layer_out)}
     x_head = np.stack([hc_head(x[r], given["hc_head_fn"][r], given["hc_head_scale"][r],
                                given["hc_head_base"][r], config=cfg)["y"] for r in range(R)])
     hidden = np.stack([rms_norm(x_head[r], given["final_norm_w"][r], config=cfg)["x_normed"]
@@ -289,6 +300,27 @@ def run(kern, ops, x_hc, given, *, layers, layer_weights, stacked_layers, rope, 
     if stages:
         result["stages"] = {"x_next": np.stack(per_layer_out), "x_head": x_head, name: hidden}
     return result
+
+
+def each_layer(kern, inputs, x_next, *, golden=False, config=None, layers=None,
+               layer_weights=None, stacked_layers=None, rope="pypto"):
+    """Each layer on the input the forward under test gave it: layer L of `inputs`
+    (dsv4.<kern>'s arguments) run on x_next[L - 1] (layer 0 on x_hc), on copies of its
+    caches; returns [layers, ...] like the x_next stage. Comparing x_next[L] with this
+    charges each layer only for its own error: chained outputs drift apart from layer to
+    layer even when every layer is within its comparator (a bf16 residual stream of
+    many layers amplifies a rounding difference)."""
+    from . import _kernels, golden as _golden
+    prefill = kern == "prefill_fwd"
+    layer = kern.replace("_fwd", "_layer")
+    fn = getattr(_golden, layer) if golden else _kernels.KERNELS[layer]
+    given = dict(inputs)
+    x_hc = given.pop("x_hc")
+    n = layers if layers is not None else np.shape(x_next)[0]
+    return run(kern, (fn, None, None, None), x_hc, given, layers=n,
+               layer_weights=layer_weights, stacked_layers=stacked_layers, rope=rope,
+               lm_head_weight=None, stages=False, config=config, prefill=prefill,
+               forced=x_next)["x_next"]
 
 
 def _valid_rows(meta, total):
