@@ -1859,17 +1859,23 @@ static PyObject *set_isa(PyObject *self, PyObject *arg)
                      "set_isa: isa must be 'auto', 'scalar', 'avx2', 'avx512' or 'amx', got %R", arg);
         return NULL;
     }
-    if (!dsv4_isa_supported(isa)) {
+    if (dsv4_set_isa(isa)) {
         PyErr_Format(PyExc_ValueError, "set_isa: this CPU does not support %s", s);
         return NULL;
     }
-    dsv4_set_isa(isa);
     Py_RETURN_NONE;
 }
 
 static PyObject *get_isa(PyObject *self, PyObject *unused)
 {
     return PyUnicode_FromString(dsv4_isa_name(dsv4_get_isa()));
+}
+
+/* for the tests: reads of the ISA or thread setting made by threads of a parallel region
+ * outside the call's snapshot (dsv4_unpinned_reads) since the module was loaded */
+static PyObject *unpinned_reads(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(dsv4_unpinned_reads());
 }
 
 static PyObject *available_isas(PyObject *self, PyObject *unused)
@@ -1895,6 +1901,9 @@ static PyMethodDef module_methods[] = {
     {"set_isa", set_isa, METH_O, "'auto', 'scalar', 'avx2', 'avx512' or 'amx': the code path of the hot loops."},
     {"get_isa", get_isa, METH_NOARGS, "The code path in use."},
     {"available_isas", available_isas, METH_NOARGS, "The code paths this CPU can run."},
+    {"_unpinned_reads", unpinned_reads, METH_NOARGS,
+     "Internal, for tests: reads of the code path or thread count made inside a parallel "
+     "region without the call's snapshot (0 unless a kernel re-reads a setting mid-call)."},
     {NULL, NULL, 0, NULL}};
 
 static PyMethodDef kernel_defs[NKERNELS];

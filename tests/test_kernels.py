@@ -133,12 +133,19 @@ def path_inputs(kernel, seed):
 def test_same_bits_for_any_thread_count(kernel, threads):
     inputs, cfg = path_inputs(kernel, seed=2)
     runs = []
+    unpinned = dsv4._C._unpinned_reads()
     for n in (1, 2, 3):
         threads(n)
         runs.append(dsv4.KERNELS[kernel](**fresh(kernel, inputs), **cfg))
     for other in runs[1:]:
         for name in runs[0]:
             assert same_bits(runs[0][name], other[name]), name
+    # a call takes its code path and thread count once, on the calling thread, and passes
+    # them into its parallel regions; the region's other threads have no copy, so a read
+    # there sees the global setting, which a set_isa() from another Python thread can change
+    # mid-call (the paths give the same bits, so the outputs cannot show it). The C core
+    # counts such reads.
+    assert dsv4._C._unpinned_reads() == unpinned, "a setting read inside a parallel region"
 
 
 SIMD = ["avx2", "avx512", "amx"]

@@ -69,11 +69,15 @@ def test_set_num_threads_while_other_threads_call_kernels(threads):
     assert calls[0] > 10
 
 
-def test_isa_switch_while_other_threads_call_kernels(isa):
+def test_isa_switch_while_other_threads_call_kernels(isa, threads):
+    # the paths give the same bits, so a switch mid-call would not show in the outputs:
+    # the C core counts the reads of the setting that could see one (test_kernels.py)
+    threads(2)
     inputs = dsv4.specs.rms_norm(T=37, seed=3)
     ref = dsv4.rms_norm(**inputs)["x_normed"]
     stop = threading.Event()
     failures = []
+    before = dsv4._C._unpinned_reads()
 
     def worker():
         while not stop.is_set():
@@ -97,6 +101,7 @@ def test_isa_switch_while_other_threads_call_kernels(isa):
     for t in pool:
         t.join()
     assert not failures
+    assert dsv4._C._unpinned_reads() == before
 
 
 @pytest.mark.parametrize("value,ok", [("scalar", True), ("avx2", True), ("auto", True),

@@ -2,6 +2,7 @@
  * mutable globals of the library. */
 #define _GNU_SOURCE
 #include <omp.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,12 +84,14 @@ static int has_amx(void) { return 0; }
 
 /* The settings every call starts from. A call copies them once into its thread's
  * snapshot (dsv4_call_begin), and everything the calling thread asks afterwards (scratch
- * sizes in prepare(), team sizes of the parallel regions in run()) comes from that copy,
- * so a set_num_threads() or set_isa() from another thread takes effect at the next call,
- * never inside one. */
+ * sizes in prepare(), team sizes and the table of primitives in run()) comes from that
+ * copy, so a set_num_threads() or set_isa() from another thread takes effect at the next
+ * call, never inside one. */
 static _Atomic int g_isa = -1;          /* -1: not chosen yet */
 static _Atomic int g_nthreads = 0;      /* 0: not chosen yet */
-static _Thread_local int tl_isa = -1, tl_nth = 0;
+static _Atomic long g_unpinned = 0;
+static _Thread_local const struct dsv4_ops *tl_ops = NULL;
+static _Thread_local int tl_nth = 0;
 
 int dsv4_isa_supported(enum dsv4_isa isa)
 {
@@ -108,7 +111,39 @@ enum dsv4_isa dsv4_best_isa(void)
          : has_avx2() ? DSV4_ISA_AVX2 : DSV4_ISA_SCALAR;
 }
 
-static enum dsv4_isa global_isa(void)
+static struct dsv4_ops g_tables[DSV4_NISA];
+static pthread_once_t g_tables_once = PTHREAD_ONCE_INIT;
+
+static void fill_tables(void)
+{
+    for (int i = 0; i < DSV4_NISA; i++) {
+        g_tables[i].isa = (enum dsv4_isa)i;
+        dsv4_numerics_ops(&g_tables[i]);
+        dsv4_gemm_ops(&g_tables[i]);
+    }
+}
+
+static int table_filled(const struct dsv4_ops *o)
+{
+    return o->dot_f32 && o->dot_f32_rows && o->dot_f32_grid && o->pv && o->quant_row_i8 &&
+           o->rope_bf16 && o->bf16_row_to_f32 && o->gemm_bf16 && o->gemm_i8 && o->gemm_i8_nt &&
+           o->xwt_micro && o->xwt_panel;
+}
+
+static const struct dsv4_ops *table(enum dsv4_isa isa)
+{
+    pthread_once(&g_tables_once, fill_tables);
+    return &g_tables[isa];
+}
+
+const struct dsv4_ops *dsv4_ops_for(enum dsv4_isa isa)
+{
+    if ((int)isa < 0 || (int)isa >= DSV4_NISA || !dsv4_isa_supported(isa))
+        return NULL;
+    return table_filled(table(isa)) ? table(isa) : NULL;
+}
+
+static const struct dsv4_ops *global_ops(void)
 {
     int isa = g_isa;
     if (isa < 0) {
@@ -117,7 +152,9 @@ static enum dsv4_isa global_isa(void)
         atomic_compare_exchange_strong(&g_isa, &unset, isa);
         isa = g_isa;
     }
-    return (enum dsv4_isa)isa;
+    /* g_isa only ever holds a value dsv4_set_isa() accepted (checked there, not per call:
+     * CPUID is slow under a hypervisor) */
+    return table((enum dsv4_isa)isa);
 }
 
 static int global_threads(void)
@@ -131,22 +168,52 @@ static int global_threads(void)
     return n;
 }
 
-enum dsv4_isa dsv4_get_isa(void) { return tl_isa >= 0 ? (enum dsv4_isa)tl_isa : global_isa(); }
+/* a worker thread of a parallel region has no snapshot: what it reads here may not be the
+ * call's setting */
+static void count_unpinned(void)
+{
+    if (omp_in_parallel())
+        g_unpinned++;
+}
 
-void dsv4_set_isa(enum dsv4_isa isa) { g_isa = (int)isa; }
+const struct dsv4_ops *dsv4_call_ops(void)
+{
+    if (tl_ops)
+        return tl_ops;
+    count_unpinned();
+    return global_ops();
+}
 
-int dsv4_num_threads(void) { return tl_nth > 0 ? tl_nth : global_threads(); }
+enum dsv4_isa dsv4_get_isa(void) { return dsv4_call_ops()->isa; }
+
+int dsv4_set_isa(enum dsv4_isa isa)
+{
+    if (!dsv4_ops_for(isa))
+        return -1;
+    g_isa = (int)isa;
+    return 0;
+}
+
+int dsv4_num_threads(void)
+{
+    if (tl_nth > 0)
+        return tl_nth;
+    count_unpinned();
+    return global_threads();
+}
 
 void dsv4_set_num_threads(int n) { g_nthreads = n; }
 
 void dsv4_call_begin(void)
 {
-    tl_isa = (int)global_isa();
+    tl_ops = global_ops();
     tl_nth = global_threads();
 }
 
 void dsv4_call_end(void)
 {
-    tl_isa = -1;
+    tl_ops = NULL;
     tl_nth = 0;
 }
+
+long dsv4_unpinned_reads(void) { return g_unpinned; }

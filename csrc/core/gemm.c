@@ -220,33 +220,42 @@ DSV4_AVX2 static void gemm_bf16_avx2(const float *A, int64_t M, int64_t K, const
 }
 #endif
 
-void dsv4_gemm_bf16(const float *A, int64_t M, int64_t K,
-                    const bf16_t *B, int64_t ldb, int64_t n0, int64_t nc,
-                    float *C, int64_t ldc, void *work)
+/* dsv4_gemm_bf16 of each ISA: NR columns at a time, packed into the panel `work` */
+static void gemm_bf16_panels_scalar(const float *A, int64_t M, int64_t K, const bf16_t *B,
+                                    int64_t ldb, int64_t n0, int64_t nc, float *C, int64_t ldc,
+                                    void *work)
 {
-    float *P = work;
-    int avx = dsv4_get_isa() >= DSV4_ISA_AVX512, avx2 = dsv4_get_isa() >= DSV4_ISA_AVX2;
-    const uint32_t lowa = avx2 ? 0 : dsv4_low16(A, M, K, K);
+    const uint32_t lowa = dsv4_low16(A, M, K, K);
     for (int64_t j = 0; j < nc; j += NR) {
         int64_t w = nc - j < NR ? nc - j : NR;
-#if defined(__x86_64__)
-        if (avx) {
-            pack_bf16_avx512(B, ldb, K, n0 + j, w, P);
-            gemm_bf16_avx512(A, M, K, P, C + j, ldc, w);
-            continue;
-        }
-        if (avx2) {
-            pack_bf16_avx2(B, ldb, K, n0 + j, w, P);
-            gemm_bf16_avx2(A, M, K, P, C + j, ldc, w);
-            continue;
-        }
-#endif
-        (void)avx;
-        (void)avx2;
-        pack_bf16(B, ldb, K, n0 + j, w, P);
-        gemm_bf16_scalar(A, M, K, P, C + j, ldc, w, lowa);
+        pack_bf16(B, ldb, K, n0 + j, w, work);
+        gemm_bf16_scalar(A, M, K, work, C + j, ldc, w, lowa);
     }
 }
+
+#if defined(__x86_64__)
+static void gemm_bf16_panels_avx512(const float *A, int64_t M, int64_t K, const bf16_t *B,
+                                    int64_t ldb, int64_t n0, int64_t nc, float *C, int64_t ldc,
+                                    void *work)
+{
+    for (int64_t j = 0; j < nc; j += NR) {
+        int64_t w = nc - j < NR ? nc - j : NR;
+        pack_bf16_avx512(B, ldb, K, n0 + j, w, work);
+        gemm_bf16_avx512(A, M, K, work, C + j, ldc, w);
+    }
+}
+
+static void gemm_bf16_panels_avx2(const float *A, int64_t M, int64_t K, const bf16_t *B,
+                                  int64_t ldb, int64_t n0, int64_t nc, float *C, int64_t ldc,
+                                  void *work)
+{
+    for (int64_t j = 0; j < nc; j += NR) {
+        int64_t w = nc - j < NR ? nc - j : NR;
+        pack_bf16_avx2(B, ldb, K, n0 + j, w, work);
+        gemm_bf16_avx2(A, M, K, work, C + j, ldc, w);
+    }
+}
+#endif
 
 /* ---- int8 -------------------------------------------------------------- */
 
@@ -851,57 +860,72 @@ AMX static void gemm_i8_amx(const int8_t *Ap, int64_t Mp, int64_t K, const int8_
 }
 #endif
 
-void dsv4_gemm_i8(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
-                  const int8_t *B, int64_t ldb, int64_t n0, int64_t nc,
-                  int32_t *C, int64_t ldc, void *work)
+/* dsv4_gemm_i8 and dsv4_gemm_i8_nt of each ISA; the AMX tiles take K a multiple of 64 and
+ * at least 16 rows, AVX-512 the rest */
+static void gemm_i8_any_scalar(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                               const int8_t *B, int64_t ldb, int64_t n0, int64_t nc, int32_t *C,
+                               int64_t ldc, void *work)
 {
-#if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AMX && K % 64 == 0 && Mp >= 16) {
-        gemm_i8_amx(Ap, Mp, K, B, ldb, n0, nc, C, ldc, work);
-        return;
-    }
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
-        for (int64_t j = 0; j < nc; j += NR) {
-            int64_t w = nc - j < NR ? nc - j : NR;
-            pack_i8(B, ldb, K, n0 + j, w, work, 0x80);
-            gemm_i8_avx512(Ap, rowsum, Mp, K, work, C + j, ldc, w);
-        }
-        return;
-    }
-    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
-        for (int64_t j = 0; j < nc; j += NR) {
-            int64_t w = nc - j < NR ? nc - j : NR;
-            pack_i8_x16(B, ldb, K, n0 + j, w, work);
-            gemm_i8_avx2(Ap, Mp, K, work, C + j, ldc, w);
-        }
-        return;
-    }
-#endif
-    (void)rowsum;
     gemm_i8_scalar(Ap, Mp, K, B, ldb, n0, nc, C, ldc, work);
 }
 
-void dsv4_gemm_i8_nt(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
-                     const int8_t *W, int64_t ldw, int64_t n0, int64_t nc, int32_t *C, int64_t ldc)
+static void gemm_i8_nt_any_scalar(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                                  const int8_t *W, int64_t ldw, int64_t n0, int64_t nc,
+                                  int32_t *C, int64_t ldc)
 {
-#if defined(__x86_64__)
-    if (dsv4_get_isa() == DSV4_ISA_AMX && K % 64 == 0 && Mp >= 16) {
-        gemm_i8_nt_amx(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
-        return;
-    }
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
-        gemm_i8_nt_avx512(Ap, rowsum, Mp, K, W, ldw, n0, nc, C, ldc);
-        return;
-    }
-    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
-        gemm_i8_nt_avx2(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
-        return;
-    }
-#endif
-    (void)rowsum;
     gemm_i8_nt_scalar(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
 }
 
+#if defined(__x86_64__)
+static void gemm_i8_any_avx2(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                             const int8_t *B, int64_t ldb, int64_t n0, int64_t nc, int32_t *C,
+                             int64_t ldc, void *work)
+{
+    for (int64_t j = 0; j < nc; j += NR) {
+        int64_t w = nc - j < NR ? nc - j : NR;
+        pack_i8_x16(B, ldb, K, n0 + j, w, work);
+        gemm_i8_avx2(Ap, Mp, K, work, C + j, ldc, w);
+    }
+}
+
+static void gemm_i8_nt_any_avx2(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                                const int8_t *W, int64_t ldw, int64_t n0, int64_t nc, int32_t *C,
+                                int64_t ldc)
+{
+    gemm_i8_nt_avx2(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
+}
+
+static void gemm_i8_any_avx512(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                               const int8_t *B, int64_t ldb, int64_t n0, int64_t nc, int32_t *C,
+                               int64_t ldc, void *work)
+{
+    for (int64_t j = 0; j < nc; j += NR) {
+        int64_t w = nc - j < NR ? nc - j : NR;
+        pack_i8(B, ldb, K, n0 + j, w, work, 0x80);
+        gemm_i8_avx512(Ap, rowsum, Mp, K, work, C + j, ldc, w);
+    }
+}
+
+static void gemm_i8_any_amx(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                            const int8_t *B, int64_t ldb, int64_t n0, int64_t nc, int32_t *C,
+                            int64_t ldc, void *work)
+{
+    if (K % 64 == 0 && Mp >= 16)
+        gemm_i8_amx(Ap, Mp, K, B, ldb, n0, nc, C, ldc, work);
+    else
+        gemm_i8_any_avx512(Ap, rowsum, Mp, K, B, ldb, n0, nc, C, ldc, work);
+}
+
+static void gemm_i8_nt_any_amx(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                               const int8_t *W, int64_t ldw, int64_t n0, int64_t nc, int32_t *C,
+                               int64_t ldc)
+{
+    if (K % 64 == 0 && Mp >= 16)
+        gemm_i8_nt_amx(Ap, Mp, K, W, ldw, n0, nc, C, ldc);
+    else
+        gemm_i8_nt_avx512(Ap, rowsum, Mp, K, W, ldw, n0, nc, C, ldc);
+}
+#endif
 
 /* ---- out[T, N] = X[T, K] . W[N, K]^T for bf16 weights stored as rows ---------------
  * One order for every T, so that a token's sums do not depend on the other tokens of the
@@ -1077,27 +1101,19 @@ DSV4_AVX2 static void xwt_panel_avx2(const bf16_t *W, int64_t ldw, int64_t nr, i
 }
 #endif
 
-void dsv4_xwt(const float *X, int64_t ldx, int64_t T, const bf16_t *W, int64_t ldw, int64_t N,
-              int64_t K, float *out, int64_t ldo, void *work, int nth)
+void dsv4_xwt(const struct dsv4_ops *o, const float *X, int64_t ldx, int64_t T, const bf16_t *W,
+              int64_t ldw, int64_t N, int64_t K, float *out, int64_t ldo, void *work, int nth)
 {
     struct dsv4_xwt_group g = {X, W, out};
-    dsv4_xwt_groups(&g, 1, ldx, T, ldw, N, K, ldo, work, nth);
+    dsv4_xwt_groups(o, &g, 1, ldx, T, ldw, N, K, ldo, work, nth);
 }
 
-void dsv4_xwt_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, int64_t T,
-                     int64_t ldw, int64_t N, int64_t K, int64_t ldo, void *work, int nth)
+void dsv4_xwt_groups(const struct dsv4_ops *o, const struct dsv4_xwt_group *grp, int64_t G,
+                     int64_t ldx, int64_t T, int64_t ldw, int64_t N, int64_t K, int64_t ldo,
+                     void *work, int nth)
 {
-    void (*micro)(const float *, int64_t, const float *, int64_t, float *) = xwt_micro_scalar;
-    void (*panel)(const bf16_t *, int64_t, int64_t, int64_t, float *) = xwt_panel_scalar;
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
-        micro = xwt_micro_avx512;
-        panel = xwt_panel_avx512;
-    } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
-        micro = xwt_micro_avx2;
-        panel = xwt_panel_avx2;
-    }
-#endif
+    void (*const micro)(const float *, int64_t, const float *, int64_t, float *) = o->xwt_micro;
+    void (*const panel)(const bf16_t *, int64_t, int64_t, int64_t, float *) = o->xwt_panel;
     const int64_t Tr = xwt_token_rows(T), np = (N + XWT_NR - 1) / XWT_NR, calls = Tr / 8;
     const size_t per = xwt_thread_bytes(T, N, G, nth);
     #pragma omp parallel num_threads(nth)
@@ -1146,4 +1162,28 @@ void dsv4_xwt_groups(const struct dsv4_xwt_group *grp, int64_t G, int64_t ldx, i
             }
         }
     }
+}
+
+void dsv4_gemm_ops(struct dsv4_ops *o)
+{
+    o->gemm_bf16 = gemm_bf16_panels_scalar;
+    o->gemm_i8 = gemm_i8_any_scalar;
+    o->gemm_i8_nt = gemm_i8_nt_any_scalar;
+    o->xwt_micro = xwt_micro_scalar;
+    o->xwt_panel = xwt_panel_scalar;
+#if defined(__x86_64__)
+    if (o->isa >= DSV4_ISA_AVX512) {
+        o->gemm_bf16 = gemm_bf16_panels_avx512;
+        o->gemm_i8 = o->isa == DSV4_ISA_AMX ? gemm_i8_any_amx : gemm_i8_any_avx512;
+        o->gemm_i8_nt = o->isa == DSV4_ISA_AMX ? gemm_i8_nt_any_amx : gemm_i8_nt_avx512;
+        o->xwt_micro = xwt_micro_avx512;
+        o->xwt_panel = xwt_panel_avx512;
+    } else if (o->isa >= DSV4_ISA_AVX2) {
+        o->gemm_bf16 = gemm_bf16_panels_avx2;
+        o->gemm_i8 = gemm_i8_any_avx2;
+        o->gemm_i8_nt = gemm_i8_nt_any_avx2;
+        o->xwt_micro = xwt_micro_avx2;
+        o->xwt_panel = xwt_panel_avx2;
+    }
+#endif
 }

@@ -56,7 +56,6 @@ __attribute__((target("avx512f,avx512vl"))) static float reduce16(__m512 acc);
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, \
            a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00,     \
            a31 = a00, a32 = a00, a33 = a00
-#define FMA_OP(x, w, a) _mm512_fmadd_ps(x, w, a)
 /* Lane l of the register is acc[l] above; the reduction is the same tree. */
 __attribute__((target("avx512f,avx512vl"))) static float dot_avx512(const float *a, const float *b,
                                                                     int64_t n)
@@ -198,63 +197,81 @@ DSV4_AVX2 static void dot2x2_avx2(const float *X, int64_t ldx, const float *W, i
 }
 #endif
 
-void dsv4_dot_f32_grid(const float *X, int64_t ldx, int64_t NX, const float *W, int64_t ldw,
-                       int64_t M, int64_t n, float *out, int64_t ldo)
+static void dot_f32_rows_scalar(const float *x, const float *W, int64_t ldw, int64_t M, int64_t n,
+                                float *out)
 {
-    int64_t i0 = 0;
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
-        for (; i0 + 4 <= NX; i0 += 4) {
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4)
-                dot4x4_avx512(X + i0 * ldx, ldx, W + m * ldw, ldw, n, out + i0 * ldo + m, ldo);
-            for (int64_t i = i0; i < i0 + 4; i++)
-                dsv4_dot_f32_rows(X + i * ldx, W + m * ldw, ldw, M - m, n, out + i * ldo + m);
-        }
-    else if (dsv4_get_isa() >= DSV4_ISA_AVX2)
-        for (; i0 + 2 <= NX; i0 += 2) {
-            int64_t m = 0;
-            for (; m + 2 <= M; m += 2)
-                dot2x2_avx2(X + i0 * ldx, ldx, W + m * ldw, ldw, n, out + i0 * ldo + m, ldo);
-            for (int64_t i = i0; i < i0 + 2; i++)
-                dsv4_dot_f32_rows(X + i * ldx, W + m * ldw, ldw, M - m, n, out + i * ldo + m);
-        }
-#endif
-    for (int64_t i = i0; i < NX; i++)
-        dsv4_dot_f32_rows(X + i * ldx, W, ldw, M, n, out + i * ldo);
+    for (int64_t m = 0; m < M; m++)
+        out[m] = dot_scalar(x, W + m * ldw, n);
 }
 
-void dsv4_dot_f32_rows(const float *x, const float *W, int64_t ldw, int64_t M, int64_t n, float *out)
+static void dot_f32_grid_scalar(const float *X, int64_t ldx, int64_t NX, const float *W,
+                                int64_t ldw, int64_t M, int64_t n, float *out, int64_t ldo)
+{
+    for (int64_t i = 0; i < NX; i++)
+        dot_f32_rows_scalar(X + i * ldx, W, ldw, M, n, out + i * ldo);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vl"))) static void dot_f32_rows_avx512(
+    const float *x, const float *W, int64_t ldw, int64_t M, int64_t n, float *out)
 {
     int64_t m = 0;
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
-        for (; m + 8 <= M; m += 8)
-            dot8_avx512(x, W + m * ldw, ldw, n, out + m);
-    else if (dsv4_get_isa() >= DSV4_ISA_AVX2)
-        for (; m + 4 <= M; m += 4)
-            dot4_avx2(x, W + m * ldw, ldw, n, out + m);
-#endif
+    for (; m + 8 <= M; m += 8)
+        dot8_avx512(x, W + m * ldw, ldw, n, out + m);
     for (; m < M; m++)
-        out[m] = dsv4_dot_f32(x, W + m * ldw, n);
+        out[m] = dot_avx512(x, W + m * ldw, n);
 }
 
-float dsv4_dot_f32(const float *a, const float *b, int64_t n)
+__attribute__((target("avx512f,avx512vl"))) static void dot_f32_grid_avx512(
+    const float *X, int64_t ldx, int64_t NX, const float *W, int64_t ldw, int64_t M, int64_t n,
+    float *out, int64_t ldo)
 {
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
-        return dot_avx512(a, b, n);
-    if (dsv4_get_isa() >= DSV4_ISA_AVX2)
-        return dot_avx2(a, b, n);
+    int64_t i0 = 0;
+    for (; i0 + 4 <= NX; i0 += 4) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+            dot4x4_avx512(X + i0 * ldx, ldx, W + m * ldw, ldw, n, out + i0 * ldo + m, ldo);
+        for (int64_t i = i0; i < i0 + 4; i++)
+            dot_f32_rows_avx512(X + i * ldx, W + m * ldw, ldw, M - m, n, out + i * ldo + m);
+    }
+    for (int64_t i = i0; i < NX; i++)
+        dot_f32_rows_avx512(X + i * ldx, W, ldw, M, n, out + i * ldo);
+}
+
+DSV4_AVX2 static void dot_f32_rows_avx2(const float *x, const float *W, int64_t ldw, int64_t M,
+                                        int64_t n, float *out)
+{
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        dot4_avx2(x, W + m * ldw, ldw, n, out + m);
+    for (; m < M; m++)
+        out[m] = dot_avx2(x, W + m * ldw, n);
+}
+
+DSV4_AVX2 static void dot_f32_grid_avx2(const float *X, int64_t ldx, int64_t NX, const float *W,
+                                        int64_t ldw, int64_t M, int64_t n, float *out, int64_t ldo)
+{
+    int64_t i0 = 0;
+    for (; i0 + 2 <= NX; i0 += 2) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2)
+            dot2x2_avx2(X + i0 * ldx, ldx, W + m * ldw, ldw, n, out + i0 * ldo + m, ldo);
+        for (int64_t i = i0; i < i0 + 2; i++)
+            dot_f32_rows_avx2(X + i * ldx, W + m * ldw, ldw, M - m, n, out + i * ldo + m);
+    }
+    for (int64_t i = i0; i < NX; i++)
+        dot_f32_rows_avx2(X + i * ldx, W, ldw, M, n, out + i * ldo);
+}
 #endif
-    return dot_scalar(a, b, n);
+
+float dsv4_sum_sq(const struct dsv4_ops *o, const float *v, int64_t n)
+{
+    return o->dot_f32(v, v, n);
 }
 
-float dsv4_sum_sq(const float *v, int64_t n) { return dsv4_dot_f32(v, v, n); }
-
-float dsv4_rms_inv(const float *v, int64_t n, float eps)
+float dsv4_rms_inv(const struct dsv4_ops *o, const float *v, int64_t n, float eps)
 {
-    float mean = dsv4_sum_sq(v, n) / (float)n;
+    float mean = dsv4_sum_sq(o, v, n) / (float)n;
     return 1.0f / sqrtf(mean + eps);
 }
 
@@ -329,14 +346,8 @@ DSV4_AVX2 static float quant_row_i8_avx2(const float *v, int64_t n, int8_t *q)
 }
 #endif
 
-float dsv4_quant_row_i8(const float *v, int64_t n, int8_t *q)
+static float quant_row_i8_scalar(const float *v, int64_t n, int8_t *q)
 {
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
-        return quant_row_i8_avx512(v, n, q);
-    if (dsv4_get_isa() >= DSV4_ISA_AVX2)
-        return quant_row_i8_avx2(v, n, q);
-#endif
     float amax = 1e-4f;                 /* INT8_AMAX_EPS, as fp32 */
     for (int64_t k = 0; k < n; k++)
         amax = dsv4_max_nan(amax, fabsf(v[k]));
@@ -351,59 +362,10 @@ float dsv4_quant_row_i8(const float *v, int64_t n, int8_t *q)
     return 1.0f / sq;
 }
 
-#if defined(__x86_64__)
-/* 8 pairs at a time: p1 = v * c, p2 = (v with each pair swapped) * s, then per lane the
- * sum or difference of the two products, as the scalar form forms it */
-DSV4_AVX512 static int64_t rope_bf16_avx512(const float *v, const float *cos, const float *sin,
-                                            int64_t n, int inverse, bf16_t *y)
+/* pairs i0 .. n/2 - 1: the portable form, and the vector forms' last pairs */
+static void rope_bf16_pairs(const float *v, const float *cos, const float *sin, int64_t i0,
+                            int64_t n, int inverse, bf16_t *y)
 {
-    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __mmask16 odd = 0xaaaa;
-    int64_t i = 0;
-    for (; 2 * i + 16 <= n; i += 8) {
-        __m512 x = _mm512_loadu_ps(v + 2 * i);
-        __m512 c = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(cos + i)));
-        __m512 sn = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sin + i)));
-        __m512 p1 = _mm512_mul_ps(x, c), p2 = _mm512_mul_ps(_mm512_permute_ps(x, 0xb1), sn);
-        /* forward: even a*c - b*s, odd a*s + b*c; inverse: even a*c + b*s, odd b*c - a*s */
-        __m512 r = inverse ? _mm512_mask_sub_ps(_mm512_add_ps(p1, p2), odd, p1, p2)
-                           : _mm512_mask_add_ps(_mm512_sub_ps(p1, p2), odd, p2, p1);
-        dsv4_store_bf16x16(y + 2 * i, r);
-    }
-    return i;
-}
-#endif
-
-#if defined(__x86_64__)
-/* rope_bf16_avx512 on 4 pairs at a time, the same products, sums and differences */
-DSV4_AVX2 static int64_t rope_bf16_avx2(const float *v, const float *cos, const float *sin,
-                                        int64_t n, int inverse, bf16_t *y)
-{
-    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    int64_t i = 0;
-    for (; 2 * i + 8 <= n; i += 4) {
-        __m256 x = _mm256_loadu_ps(v + 2 * i);
-        __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cos + i)), dup);
-        __m256 sn = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sin + i)), dup);
-        __m256 p1 = _mm256_mul_ps(x, c), p2 = _mm256_mul_ps(_mm256_permute_ps(x, 0xb1), sn);
-        __m256 r = inverse ? _mm256_blend_ps(_mm256_add_ps(p1, p2), _mm256_sub_ps(p1, p2), 0xaa)
-                           : _mm256_blend_ps(_mm256_sub_ps(p1, p2), _mm256_add_ps(p2, p1), 0xaa);
-        dsv4_store_bf16x8(y + 2 * i, r);
-    }
-    return i;
-}
-#endif
-
-void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t n,
-                    int inverse, bf16_t *y)
-{
-    int64_t i0 = 0;
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
-        i0 = rope_bf16_avx512(v, cos, sin, n, inverse, y);
-    else if (dsv4_get_isa() >= DSV4_ISA_AVX2)
-        i0 = rope_bf16_avx2(v, cos, sin, n, inverse, y);
-#endif
     for (int64_t i = i0; i < n / 2; i++) {
         float a = v[2 * i], b = v[2 * i + 1], c = cos[i], s = sin[i];
         float e, o;
@@ -418,6 +380,55 @@ void dsv4_rope_bf16(const float *v, const float *cos, const float *sin, int64_t 
         y[2 * i + 1] = dsv4_f32_to_bf16(o);
     }
 }
+
+static void rope_bf16_scalar(const float *v, const float *cos, const float *sin, int64_t n,
+                             int inverse, bf16_t *y)
+{
+    rope_bf16_pairs(v, cos, sin, 0, n, inverse, y);
+}
+
+#if defined(__x86_64__)
+/* 8 pairs at a time: p1 = v * c, p2 = (v with each pair swapped) * s, then per lane the
+ * sum or difference of the two products, as the scalar form forms it */
+DSV4_AVX512 static void rope_bf16_avx512(const float *v, const float *cos, const float *sin,
+                                         int64_t n, int inverse, bf16_t *y)
+{
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __mmask16 odd = 0xaaaa;
+    int64_t i = 0;
+    for (; 2 * i + 16 <= n; i += 8) {
+        __m512 x = _mm512_loadu_ps(v + 2 * i);
+        __m512 c = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(cos + i)));
+        __m512 sn = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(sin + i)));
+        __m512 p1 = _mm512_mul_ps(x, c), p2 = _mm512_mul_ps(_mm512_permute_ps(x, 0xb1), sn);
+        /* forward: even a*c - b*s, odd a*s + b*c; inverse: even a*c + b*s, odd b*c - a*s */
+        __m512 r = inverse ? _mm512_mask_sub_ps(_mm512_add_ps(p1, p2), odd, p1, p2)
+                           : _mm512_mask_add_ps(_mm512_sub_ps(p1, p2), odd, p2, p1);
+        dsv4_store_bf16x16(y + 2 * i, r);
+    }
+    rope_bf16_pairs(v, cos, sin, i, n, inverse, y);
+}
+#endif
+
+#if defined(__x86_64__)
+/* rope_bf16_avx512 on 4 pairs at a time, the same products, sums and differences */
+DSV4_AVX2 static void rope_bf16_avx2(const float *v, const float *cos, const float *sin,
+                                     int64_t n, int inverse, bf16_t *y)
+{
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    int64_t i = 0;
+    for (; 2 * i + 8 <= n; i += 4) {
+        __m256 x = _mm256_loadu_ps(v + 2 * i);
+        __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cos + i)), dup);
+        __m256 sn = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sin + i)), dup);
+        __m256 p1 = _mm256_mul_ps(x, c), p2 = _mm256_mul_ps(_mm256_permute_ps(x, 0xb1), sn);
+        __m256 r = inverse ? _mm256_blend_ps(_mm256_add_ps(p1, p2), _mm256_sub_ps(p1, p2), 0xaa)
+                           : _mm256_blend_ps(_mm256_sub_ps(p1, p2), _mm256_add_ps(p2, p1), 0xaa);
+        dsv4_store_bf16x8(y + 2 * i, r);
+    }
+    rope_bf16_pairs(v, cos, sin, i, n, inverse, y);
+}
+#endif
 
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512vl"))) static void bf16_row_to_f32_avx512(const bf16_t *x, int64_t n, float *y)
@@ -443,18 +454,8 @@ DSV4_AVX2 static void bf16_row_to_f32_avx2(const bf16_t *x, int64_t n, float *y)
 }
 #endif
 
-void dsv4_bf16_row_to_f32(const bf16_t *x, int64_t n, float *y)
+static void bf16_row_to_f32_scalar(const bf16_t *x, int64_t n, float *y)
 {
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
-        bf16_row_to_f32_avx512(x, n, y);
-        return;
-    }
-    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
-        bf16_row_to_f32_avx2(x, n, y);
-        return;
-    }
-#endif
     for (int64_t k = 0; k < n; k++)
         y[k] = dsv4_bf16_to_f32(x[k]);
 }
@@ -518,298 +519,6 @@ uint32_t dsv4_low16(const float *v, int64_t rows, int64_t n, int64_t ld)
     return low & 0xffffu;
 }
 
-/* ---- dot products of bf16-valued operands (exact products, fused) -----------------
- * The same lane order as dsv4_dot_f32, with each step a fused multiply-add. For
- * operands that hold bf16 values the product is exact, so fused and unfused agree;
- * the portable twin is unfused only where that is checked to give the fused bits. */
-
-/* One dot product in the dsv4_dot_f32 lane order, the 16 lanes in a vector; w is fp32
- * (bf16w = 0) or bf16. fused = 0 rounds each product on its own (see dsv4_unfused_try). */
-static inline __attribute__((always_inline)) float dot_fma_lanes(const float *a, const float *w,
-                                                                const bf16_t *wb, int64_t n,
-                                                                const int bf16w, const int fused)
-{
-    float acc[LANES] = {0};
-    int64_t k = 0;
-    for (; k + LANES <= n; k += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float y = bf16w ? dsv4_bf16_to_f32(wb[k + l]) : w[k + l];
-            acc[l] = fused ? fmaf(a[k + l], y, acc[l]) : acc[l] + a[k + l] * y;
-        }
-    if (k < n)
-        for (int l = 0; l < LANES; l++) {
-            float x = k + l < n ? a[k + l] : 0.0f;
-            float y = k + l < n ? (bf16w ? dsv4_bf16_to_f32(wb[k + l]) : w[k + l]) : 0.0f;
-            acc[l] = fused ? fmaf(x, y, acc[l]) : acc[l] + x * y;
-        }
-    return tree16(acc);
-}
-
-static inline __attribute__((always_inline)) void dot_fma_grid_lanes(
-    const float *X, int64_t ldx, int64_t NX, const float *W, const bf16_t *Wb, int64_t ldw,
-    int64_t M, int64_t n, float *out, int64_t ldo, const int fused)
-{
-    for (int64_t i = 0; i < NX; i++)
-        for (int64_t r = 0; r < M; r++)
-            out[i * ldo + r] = W ? dot_fma_lanes(X + i * ldx, W + r * ldw, NULL, n, 0, fused)
-                                 : dot_fma_lanes(X + i * ldx, NULL, Wb + r * ldw, n, 1, fused);
-}
-
-/* dsv4_dot_fma_grid on the portable path, unfused where that gives the same bits */
-static void dot_fma_grid_scalar(const float *X, int64_t ldx, int64_t NX, const float *W,
-                                const bf16_t *Wb, int64_t ldw, int64_t M, int64_t n, float *out,
-                                int64_t ldo)
-{
-    uint32_t low = dsv4_low16(X, NX, n, ldx) | (W ? dsv4_low16(W, M, n, ldw) : 0);
-    if (dsv4_unfused_try(low)) {
-        dot_fma_grid_lanes(X, ldx, NX, W, Wb, ldw, M, n, out, ldo, 0);
-        if (dsv4_unfused_exact())
-            return;
-    }
-    dot_fma_grid_lanes(X, ldx, NX, W, Wb, ldw, M, n, out, ldo, 1);
-}
-
-#if defined(__x86_64__)
-__attribute__((target("avx512f,avx512vl,avx512bw"))) static inline __m512 load_w(
-    const float *w, const bf16_t *wb, int64_t k, __mmask16 m)
-{
-    if (w)
-        return _mm512_maskz_loadu_ps(m, w + k);
-    __m256i h = _mm256_maskz_loadu_epi16(m, wb + k);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* 4 x-rows by 4 w-rows; w is fp32 rows (wf) or bf16 rows (wb). Named accumulators, so that
- * they stay in registers. */
-
-__attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot4x4_fma_avx512(
-    const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t ldw, int64_t n,
-    float *out, int64_t ldo)
-{
-    DOT4X4_DECL;
-    for (int64_t k = 0; k < n; k += LANES) {
-        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
-        __m512 w0 = load_w(wf, wb, k, m);
-        __m512 w1 = load_w(wf ? wf + ldw : NULL, wb ? wb + ldw : NULL, k, m);
-        __m512 w2 = load_w(wf ? wf + 2 * ldw : NULL, wb ? wb + 2 * ldw : NULL, k, m);
-        __m512 w3 = load_w(wf ? wf + 3 * ldw : NULL, wb ? wb + 3 * ldw : NULL, k, m);
-        DOT4X4_ROW(0, FMA_OP);
-        DOT4X4_ROW(1, FMA_OP);
-        DOT4X4_ROW(2, FMA_OP);
-        DOT4X4_ROW(3, FMA_OP);
-    }
-    DOT4X4_OUT(0);
-    DOT4X4_OUT(1);
-    DOT4X4_OUT(2);
-    DOT4X4_OUT(3);
-}
-
-/* 8 x-rows by 2 w-rows: the 8 x-rows stay in L1 while the w-rows stream past them. The
- * accumulators are named one by one so that they live in registers. */
-#define DOT8X2_ROW(i)                                                                      \
-    do {                                                                                   \
-        __m512 xv = _mm512_maskz_loadu_ps(m, X + (i) * ldx + k);                           \
-        a##i##0 = _mm512_fmadd_ps(xv, w0, a##i##0);                                        \
-        a##i##1 = _mm512_fmadd_ps(xv, w1, a##i##1);                                        \
-    } while (0)
-
-/* Stages of sixteen reduce16 trees at once. s1: lanes 0-7 = a[l] + a[l+8], 8-15 the same of
- * b; s2: 128-bit groups (x.G0+x.G1, x.G2+x.G3, y.G0+y.G1, y.G2+y.G3); s3, s4: within each
- * group, elements (l, l+2), then (l, l+1), of x then of y. */
-__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s1(__m512 a, __m512 b)
-{
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
-}
-__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s2(__m512 x, __m512 y)
-{
-    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
-}
-__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s3(__m512 x, __m512 y)
-{
-    return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xee));
-}
-__attribute__((target("avx512f,avx512vl"))) static inline __m512 red_s4(__m512 x, __m512 y)
-{
-    return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xdd));
-}
-
-__attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot8x2_fma_avx512(
-    const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t ldw, int64_t n,
-    float *out, int64_t ldo)
-{
-    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-           a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00,
-           a61 = a00, a70 = a00, a71 = a00;
-    for (int64_t k = 0; k < n; k += LANES) {
-        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
-        __m512 w0 = load_w(wf, wb, k, m);
-        __m512 w1 = load_w(wf ? wf + ldw : NULL, wb ? wb + ldw : NULL, k, m);
-        DOT8X2_ROW(0);
-        DOT8X2_ROW(1);
-        DOT8X2_ROW(2);
-        DOT8X2_ROW(3);
-        DOT8X2_ROW(4);
-        DOT8X2_ROW(5);
-        DOT8X2_ROW(6);
-        DOT8X2_ROW(7);
-    }
-    /* the 16 reductions of reduce16 done side by side: the same pairs added in each stage
-     * (lanes l and l + 8, then + 4, + 2, + 1, lower lane first), four shuffle stages for all */
-    __m512 q0 = red_s2(red_s1(a00, a01), red_s1(a10, a11));
-    __m512 q1 = red_s2(red_s1(a20, a21), red_s1(a30, a31));
-    __m512 q2 = red_s2(red_s1(a40, a41), red_s1(a50, a51));
-    __m512 q3 = red_s2(red_s1(a60, a61), red_s1(a70, a71));
-    __m512 t = red_s4(red_s3(q0, q1), red_s3(q2, q3));   /* lane 4G + c: accumulator G + 4c */
-    const __m512i nat = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-    float v[16] __attribute__((aligned(64)));
-    _mm512_store_ps(v, _mm512_permutexvar_ps(nat, t));  /* lane i: accumulator i = a(i/2)(i%2) */
-    for (int i = 0; i < 8; i++) {
-        out[i * ldo] = v[2 * i];
-        out[i * ldo + 1] = v[2 * i + 1];
-    }
-}
-
-/* 4 x-rows by one w-row: the remainder of the 4 x 4 blocks, same lane order */
-__attribute__((target("avx512f,avx512vl,avx512bw"))) static void dot4x1_fma_avx512(
-    const float *X, int64_t ldx, const float *wf, const bf16_t *wb, int64_t n, float *out,
-    int64_t ldo)
-{
-    __m512 acc[4];
-    for (int i = 0; i < 4; i++)
-        acc[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < n; k += LANES) {
-        __mmask16 m = n - k >= LANES ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
-        __m512 w = load_w(wf, wb, k, m);
-        for (int i = 0; i < 4; i++)
-            acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, X + i * ldx + k), w, acc[i]);
-    }
-    for (int i = 0; i < 4; i++)
-        out[i * ldo] = reduce16(acc[i]);
-}
-#endif
-
-#if defined(__x86_64__)
-/* lanes k..k+7 of a w-row, fp32 (wf) or bf16 (wb), zero past n */
-DSV4_AVX2 static inline __m256 load_w8(const float *wf, const bf16_t *wb, int64_t k, int64_t n)
-{
-    return wf ? dsv4_load_f32x8_part(wf + k, n - k) : dsv4_load_bf16x8_part(wb + k, n - k);
-}
-
-#define FMA8(x, w, a) a = _mm256_fmadd_ps(x, w, a)
-
-/* 2 x-rows by 2 w-rows, lanes 0-7 (l) and 8-15 (h) of each sum in named registers */
-DSV4_AVX2 static void dot2x2_fma_avx2(const float *X, int64_t ldx, const float *wf,
-                                      const bf16_t *wb, int64_t ldw, int64_t n, float *out,
-                                      int64_t ldo)
-{
-    const float *wf1 = wf ? wf + ldw : NULL;
-    const bf16_t *wb1 = wb ? wb + ldw : NULL;
-    __m256 l00 = _mm256_setzero_ps(), h00 = l00, l01 = l00, h01 = l00, l10 = l00, h10 = l00,
-           l11 = l00, h11 = l00;
-    for (int64_t k = 0; k < n; k += LANES) {
-        __m256 wl0 = load_w8(wf, wb, k, n), wh0 = load_w8(wf, wb, k + 8, n);
-        __m256 wl1 = load_w8(wf1, wb1, k, n), wh1 = load_w8(wf1, wb1, k + 8, n);
-        __m256 xl = dsv4_load_f32x8_part(X + k, n - k), xh = dsv4_load_f32x8_part(X + k + 8, n - k - 8);
-        FMA8(xl, wl0, l00);
-        FMA8(xh, wh0, h00);
-        FMA8(xl, wl1, l01);
-        FMA8(xh, wh1, h01);
-        xl = dsv4_load_f32x8_part(X + ldx + k, n - k);
-        xh = dsv4_load_f32x8_part(X + ldx + k + 8, n - k - 8);
-        FMA8(xl, wl0, l10);
-        FMA8(xh, wh0, h10);
-        FMA8(xl, wl1, l11);
-        FMA8(xh, wh1, h11);
-    }
-    out[0] = dsv4_reduce16x2(l00, h00);
-    out[1] = dsv4_reduce16x2(l01, h01);
-    out[ldo] = dsv4_reduce16x2(l10, h10);
-    out[ldo + 1] = dsv4_reduce16x2(l11, h11);
-}
-
-/* one x-row by nw <= 4 w-rows */
-DSV4_AVX2 static void dot1x4_fma_avx2(const float *x, const float *wf, const bf16_t *wb,
-                                      int64_t ldw, int nw, int64_t n, float *out)
-{
-    __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0;
-    const float *f[4];
-    const bf16_t *b[4];
-    for (int r = 0; r < 4; r++) {       /* rows past nw repeat the last one, not stored */
-        int rr = r < nw ? r : nw - 1;
-        f[r] = wf ? wf + rr * ldw : NULL;
-        b[r] = wb ? wb + rr * ldw : NULL;
-    }
-    for (int64_t k = 0; k < n; k += LANES) {
-        __m256 xl = dsv4_load_f32x8_part(x + k, n - k), xh = dsv4_load_f32x8_part(x + k + 8, n - k - 8);
-        FMA8(xl, load_w8(f[0], b[0], k, n), l0);
-        FMA8(xh, load_w8(f[0], b[0], k + 8, n), h0);
-        FMA8(xl, load_w8(f[1], b[1], k, n), l1);
-        FMA8(xh, load_w8(f[1], b[1], k + 8, n), h1);
-        FMA8(xl, load_w8(f[2], b[2], k, n), l2);
-        FMA8(xh, load_w8(f[2], b[2], k + 8, n), h2);
-        FMA8(xl, load_w8(f[3], b[3], k, n), l3);
-        FMA8(xh, load_w8(f[3], b[3], k + 8, n), h3);
-    }
-    float v[4] = {dsv4_reduce16x2(l0, h0), dsv4_reduce16x2(l1, h1), dsv4_reduce16x2(l2, h2),
-                  dsv4_reduce16x2(l3, h3)};
-    for (int r = 0; r < nw; r++)
-        out[r] = v[r];
-}
-#undef FMA8
-#endif
-
-void dsv4_dot_fma_grid(const float *X, int64_t ldx, int64_t NX, const float *W, const bf16_t *Wb,
-                       int64_t ldw, int64_t M, int64_t n, float *out, int64_t ldo)
-{
-    int64_t i0 = 0;
-#if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
-        for (; i0 + 8 <= NX && M >= 2; i0 += 8) {
-            int64_t m = 0;
-            for (; m + 2 <= M; m += 2)
-                dot8x2_fma_avx512(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
-                                  Wb ? Wb + m * ldw : NULL, ldw, n, out + i0 * ldo + m, ldo);
-            for (int64_t h = 0; m < M && h < 8; h += 4)
-                dot4x1_fma_avx512(X + (i0 + h) * ldx, ldx, W ? W + m * ldw : NULL,
-                                  Wb ? Wb + m * ldw : NULL, n, out + (i0 + h) * ldo + m, ldo);
-        }
-        for (; i0 + 4 <= NX; i0 += 4) {
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4)
-                dot4x4_fma_avx512(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
-                                  Wb ? Wb + m * ldw : NULL, ldw, n, out + i0 * ldo + m, ldo);
-            for (; m < M; m++)
-                dot4x1_fma_avx512(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
-                                  Wb ? Wb + m * ldw : NULL, n, out + i0 * ldo + m, ldo);
-        }
-        /* the last X rows against four fp32 W rows at a time, the roles swapped */
-        for (; W && i0 < NX; i0++) {
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4)
-                dot4x1_fma_avx512(W + m * ldw, ldw, X + i0 * ldx, NULL, n, out + i0 * ldo + m, 1);
-            for (; m < M; m++)
-                out[i0 * ldo + m] = dot_fma_lanes(X + i0 * ldx, W + m * ldw, NULL, n, 0, 1);
-        }
-    } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
-        for (; i0 + 2 <= NX; i0 += 2) {
-            int64_t m = 0;
-            for (; m + 2 <= M; m += 2)
-                dot2x2_fma_avx2(X + i0 * ldx, ldx, W ? W + m * ldw : NULL,
-                                Wb ? Wb + m * ldw : NULL, ldw, n, out + i0 * ldo + m, ldo);
-            for (int64_t i = i0; m < M && i < i0 + 2; i++)
-                dot1x4_fma_avx2(X + i * ldx, W ? W + m * ldw : NULL, Wb ? Wb + m * ldw : NULL,
-                                ldw, 1, n, out + i * ldo + m);
-        }
-        for (; i0 < NX; i0++)
-            for (int64_t m = 0; m < M; m += 4)
-                dot1x4_fma_avx2(X + i0 * ldx, W ? W + m * ldw : NULL, Wb ? Wb + m * ldw : NULL,
-                                ldw, M - m < 4 ? (int)(M - m) : 4, n, out + i0 * ldo + m);
-    }
-#endif
-    if (i0 < NX)
-        dot_fma_grid_scalar(X + i0 * ldx, ldx, NX - i0, W, Wb, ldw, M, n, out + i0 * ldo, ldo);
-}
-
 /* O[h, d] = sum over i ascending of P[h, i] * V[i, d], fused steps (exact products for
  * bf16-valued operands). One accumulation chain per output element, in i order. Columns of V
  * in blocks of PV_DB, each block in the lanes and kept in cache for all heads. */
@@ -830,13 +539,12 @@ static inline __attribute__((always_inline)) void pv_block(const float *P, int64
     }
 }
 
-static inline __attribute__((always_inline)) void pv_lanes(
-    const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n, int64_t HD,
-    float *O, const int fused)
+/* columns d0 .. HD - 1 one by one, past the last full block of a vector form */
+static inline __attribute__((always_inline)) void pv_cols(const float *P, int64_t ldh,
+                                                        int64_t ldi, int64_t H, const float *V,
+                                                        int64_t n, int64_t HD, int64_t d0,
+                                                        float *O, const int fused)
 {
-    int64_t d0 = 0;
-    for (; d0 + PV_DB <= HD; d0 += PV_DB)
-        pv_block(P, ldh, ldi, H, V, n, HD, d0, O, fused);
     for (int64_t h = 0; h < H; h++)
         for (int64_t d = d0; d < HD; d++) {
             float acc = 0.0f;
@@ -845,6 +553,16 @@ static inline __attribute__((always_inline)) void pv_lanes(
                             : acc + P[h * ldh + i * ldi] * V[i * HD + d];
             O[h * HD + d] = acc;
         }
+}
+
+static inline __attribute__((always_inline)) void pv_lanes(
+    const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n, int64_t HD,
+    float *O, const int fused)
+{
+    int64_t d0 = 0;
+    for (; d0 + PV_DB <= HD; d0 += PV_DB)
+        pv_block(P, ldh, ldi, H, V, n, HD, d0, O, fused);
+    pv_cols(P, ldh, ldi, H, V, n, HD, d0, O, fused);
 }
 
 static void pv_scalar(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V,
@@ -909,14 +627,7 @@ __attribute__((target("avx512f,avx512vl"))) static void pv_avx512(
             _mm512_storeu_ps(o + 48, a3);
         }
     }
-    if (d0 < HD)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t d = d0; d < HD; d++) {
-                float acc = 0.0f;
-                for (int64_t i = 0; i < n; i++)
-                    acc = fmaf(P[h * ldh + i * ldi], V[i * HD + d], acc);
-                O[h * HD + d] = acc;
-            }
+    pv_cols(P, ldh, ldi, H, V, n, HD, d0, O, 1);
 }
 #endif
 
@@ -956,29 +667,36 @@ DSV4_AVX2 static void pv_avx2(const float *P, int64_t ldh, int64_t ldi, int64_t 
             _mm256_storeu_ps(o + 16, a2);
             _mm256_storeu_ps(o + 24, a3);
         }
-    if (d0 < HD)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t d = d0; d < HD; d++) {
-                float acc = 0.0f;
-                for (int64_t i = 0; i < n; i++)
-                    acc = fmaf(P[h * ldh + i * ldi], V[i * HD + d], acc);
-                O[h * HD + d] = acc;
-            }
+    pv_cols(P, ldh, ldi, H, V, n, HD, d0, O, 1);
 }
 #endif
 
-void dsv4_pv(const float *P, int64_t ldh, int64_t ldi, int64_t H, const float *V, int64_t n,
-             int64_t HD, float *O)
+void dsv4_numerics_ops(struct dsv4_ops *o)
 {
+    o->dot_f32 = dot_scalar;
+    o->dot_f32_rows = dot_f32_rows_scalar;
+    o->dot_f32_grid = dot_f32_grid_scalar;
+    o->pv = pv_scalar;
+    o->quant_row_i8 = quant_row_i8_scalar;
+    o->rope_bf16 = rope_bf16_scalar;
+    o->bf16_row_to_f32 = bf16_row_to_f32_scalar;
 #if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
-        pv_avx512(P, ldh, ldi, H, V, n, HD, O);
-        return;
-    }
-    if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
-        pv_avx2(P, ldh, ldi, H, V, n, HD, O);
-        return;
+    if (o->isa >= DSV4_ISA_AVX512) {
+        o->dot_f32 = dot_avx512;
+        o->dot_f32_rows = dot_f32_rows_avx512;
+        o->dot_f32_grid = dot_f32_grid_avx512;
+        o->pv = pv_avx512;
+        o->quant_row_i8 = quant_row_i8_avx512;
+        o->rope_bf16 = rope_bf16_avx512;
+        o->bf16_row_to_f32 = bf16_row_to_f32_avx512;
+    } else if (o->isa >= DSV4_ISA_AVX2) {
+        o->dot_f32 = dot_avx2;
+        o->dot_f32_rows = dot_f32_rows_avx2;
+        o->dot_f32_grid = dot_f32_grid_avx2;
+        o->pv = pv_avx2;
+        o->quant_row_i8 = quant_row_i8_avx2;
+        o->rope_bf16 = rope_bf16_avx2;
+        o->bf16_row_to_f32 = bf16_row_to_f32_avx2;
     }
 #endif
-    pv_scalar(P, ldh, ldi, H, V, n, HD, O);
 }

@@ -692,8 +692,8 @@ DSV4_AVX2 static void scale_store_avx2(const float *acc, const float *w, int64_t
 #endif
 
 /* O[t] of §2.2-2.4 for one token, then the inverse RoPE of §2.5, into ob (bf16 values). */
-static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struct attn_thread *th,
-                         float *ob)
+static void attend_token(const struct dsv4_ops *ops, const struct dsv4_sparse_attn_args *a,
+                         int64_t t, struct attn_thread *th, float *ob)
 {
     const int64_t H = a->H, HD = a->HD, R = a->qk_rope_head_dim, N = HD - R;
     const float scale = (float)pow((double)HD, -0.5);
@@ -703,13 +703,13 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
     void (*qk)(const float *, const float *, int64_t, int64_t, int64_t, float *) = qk_scalar;
     void (*normalise)(float *, int64_t, float, float *, int64_t) = normalise_scalar;
 #if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
+    if (ops->isa >= DSV4_ISA_AVX512) {
         merge = merge_avx512;
         normalise = normalise_avx512;
         tile_softmax = softmax_avx512;
         qk_prep = qk_prep_avx512;
         qk = qk_avx512;
-    } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+    } else if (ops->isa >= DSV4_ISA_AVX2) {
         merge = merge_avx2;
         normalise = normalise_avx2;
         tile_softmax = softmax_avx2;
@@ -727,13 +727,13 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
     for (int64_t j = 0, start = 0; j < ntile; start = th->tile_end[j++]) {
         int64_t n = th->tile_end[j] - start;
         for (int64_t i = 0; i < n; i++)
-            dsv4_bf16_row_to_f32(th->rows[start + i], HD, th->kt + i * HD);
+            dsv4_bf16_row_to_f32(ops, th->rows[start + i], HD, th->kt + i * HD);
         memset(th->kt + n * HD, 0, (size_t)(dsv4_round_up(n, 8) - n) * HD * sizeof(float));
         /* scores as [row][head]: the softmax then runs with the heads in the lanes */
         qk(th->q, th->kt, n, H, HD, th->s);
         float *o = j ? th->oj : th->o;
         tile_softmax(th->s, n, H, scale, mj, lj);
-        dsv4_pv(th->s, 1, H, H, th->kt, n, HD, o);
+        dsv4_pv(ops, th->s, 1, H, H, th->kt, n, HD, o);
         for (int64_t h = 0; h < H; h++) {
             float mx = mj[h], sum = lj[h];
             const float *oh = o + h * HD;
@@ -751,15 +751,15 @@ static void attend_token(const struct dsv4_sparse_attn_args *a, int64_t t, struc
         }
     }
     float cosr[256], sinr[256];
-    dsv4_bf16_row_to_f32(a->freqs_cos + t * a->RW, R / 2, cosr);
-    dsv4_bf16_row_to_f32(a->freqs_sin + t * a->RW, R / 2, sinr);
+    dsv4_bf16_row_to_f32(ops, a->freqs_cos + t * a->RW, R / 2, cosr);
+    dsv4_bf16_row_to_f32(ops, a->freqs_sin + t * a->RW, R / 2, sinr);
     for (int64_t h = 0; h < H; h++) {
         float denom = l[h] + dsv4_exp_f32(a->attn_sink[h] - m[h]);    /* the sink: a logit without a value */
         float *oh = th->o + h * HD, *out = ob + h * HD;
         normalise(oh, HD, denom, out, N);
         bf16_t rot[512];
-        dsv4_rope_bf16(oh + N, cosr, sinr, R, 1, rot);
-        dsv4_bf16_row_to_f32(rot, R, out + N);
+        dsv4_rope_bf16(ops, oh + N, cosr, sinr, R, 1, rot);
+        dsv4_bf16_row_to_f32(ops, rot, R, out + N);
     }
 }
 
@@ -771,20 +771,21 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
     attn_layout(a, &ar, &s);
     const int64_t T = a->T, H = a->H, HD = a->HD, G = a->G, OL = a->OL, OGI = a->OGI, D = a->D;
     const int64_t Tp = dsv4_gemm_i8_rows(T), lda = dsv4_gemm_i8_lda(OL);
+    const struct dsv4_ops *ops = dsv4_call_ops();
 
     #pragma omp parallel num_threads(a->nth)
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         struct attn_thread *th = &s.th[ith];
         for (int64_t t = ith; t < T; t += nth)
-            attend_token(a, t, th, s.ob + t * H * HD);
+            attend_token(ops, a, t, th, s.ob + t * H * HD);
     }
 
     /* first projection, per group: o_r[t, g, :] = Ob[t, group g] . wo_a[g]^T */
     struct dsv4_xwt_group grp[256];
     for (int64_t g = 0; g < G; g++)
         grp[g] = (struct dsv4_xwt_group){s.ob + g * OGI, a->wo_a + g * OL * OGI, s.o_r + g * OL};
-    dsv4_xwt_groups(grp, G, H * HD, T, OGI, OL, OGI, G * OL, s.xwt, a->nth);
+    dsv4_xwt_groups(ops, grp, G, H * HD, T, OGI, OL, OGI, G * OL, s.xwt, a->nth);
 
     #pragma omp parallel num_threads(a->nth)
     {
@@ -795,7 +796,7 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
             int8_t *q = s.q8 + (g * Tp + t) * lda;
             memset(q, 0, (size_t)lda);
             if (t < T)
-                s.sdq[t * G + g] = dsv4_quant_row_i8(s.o_r + (t * G + g) * OL, OL, q);
+                s.sdq[t * G + g] = dsv4_quant_row_i8(ops, s.o_r + (t * G + g) * OL, OL, q);
             int32_t sum = 0;
             for (int64_t r = 0; r < OL; r++)
                 sum += q[r];
@@ -807,10 +808,10 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
         void (*dequant_add)(float *, const int32_t *, int64_t, float) = dequant_add_scalar;
         void (*scale_store)(const float *, const float *, int64_t, bf16_t *) = scale_store_scalar;
 #if defined(__x86_64__)
-        if (dsv4_get_isa() >= DSV4_ISA_AVX512) {
+        if (ops->isa >= DSV4_ISA_AVX512) {
             dequant_add = dequant_add_avx512;
             scale_store = scale_store_avx512;
-        } else if (dsv4_get_isa() >= DSV4_ISA_AVX2) {
+        } else if (ops->isa >= DSV4_ISA_AVX2) {
             dequant_add = dequant_add_avx2;
             scale_store = scale_store_avx2;
         }
@@ -823,8 +824,8 @@ int dsv4_sparse_attn(void *p, struct dsv4_err *e)
             for (int64_t i = 0; i < T * COLS; i++)
                 acc[i] = 0.0f;
             for (int64_t g = 0; g < G; g++) {
-                dsv4_gemm_i8_nt(s.q8 + g * Tp * lda, s.q8sum + g * Tp, Tp, OL, a->wo_b + g * OL,
-                                a->GOL, n0, nc, pb, COLS);
+                dsv4_gemm_i8_nt(ops, s.q8 + g * Tp * lda, s.q8sum + g * Tp, Tp, OL,
+                                a->wo_b + g * OL, a->GOL, n0, nc, pb, COLS);
                 for (int64_t t = 0; t < T; t++)
                     dequant_add(acc + t * COLS, pb + t * COLS, nc, s.sdq[t * G + g]);
             }

@@ -361,7 +361,8 @@ int dsv4_attention_block_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 
 /* ---- glue -------------------------------------------------------------------------- */
 
-static void gather_rope(const struct dsv4_attention_block_args *a, const struct block_scratch *s)
+static void gather_rope(const struct dsv4_ops *ops, const struct dsv4_attention_block_args *a,
+                        const struct block_scratch *s)
 {
     const int64_t RW = a->RW, R2 = RW / 2;
     for (int64_t t = 0; t < a->T; t++) {
@@ -371,14 +372,14 @@ static void gather_rope(const struct dsv4_attention_block_args *a, const struct 
     if (s->ccos)                        /* decode: the compressed row's window start */
         for (int64_t b = 0; b < a->B; b++) {
             int64_t p0 = a->position_ids[b * (a->T / a->B)], r = kind(a) == DSV4_BLOCK_HCA ? 128 : 4;
-            dsv4_bf16_row_to_f32(a->freqs_cos + (p0 - p0 % r) * RW, R2, s->ccos + b * R2);
-            dsv4_bf16_row_to_f32(a->freqs_sin + (p0 - p0 % r) * RW, R2, s->csin + b * R2);
+            dsv4_bf16_row_to_f32(ops, a->freqs_cos + (p0 - p0 % r) * RW, R2, s->ccos + b * R2);
+            dsv4_bf16_row_to_f32(ops, a->freqs_sin + (p0 - p0 % r) * RW, R2, s->csin + b * R2);
         }
     if (s->icos) {                      /* the indexer query: decode per request, prefill per token */
         int64_t n = prefill(a) ? a->T : a->B, step = prefill(a) ? 1 : a->T / a->B;
         for (int64_t i = 0; i < n; i++) {
-            dsv4_bf16_row_to_f32(s->cos + i * step * RW, R2, s->icos + i * R2);
-            dsv4_bf16_row_to_f32(s->sin + i * step * RW, R2, s->isin + i * R2);
+            dsv4_bf16_row_to_f32(ops, s->cos + i * step * RW, R2, s->icos + i * R2);
+            dsv4_bf16_row_to_f32(ops, s->sin + i * step * RW, R2, s->isin + i * R2);
         }
     }
 }
@@ -479,7 +480,7 @@ int dsv4_attention_block(void *p, struct dsv4_err *e)
         return DSV4_EVALUE;
     if (dsv4_hc_pre(&a->hp, e) || dsv4_rms_norm(&a->rn, e))
         return DSV4_EVALUE;
-    gather_rope(a, &s);
+    gather_rope(dsv4_call_ops(), a, &s);
     if (dsv4_qkv_proj_rope(&a->qk, e))
         return DSV4_EVALUE;
     if (k != DSV4_BLOCK_SWA && (pre ? dsv4_prefill_compressor(&a->pc, e)

@@ -106,15 +106,16 @@ static const float *state_row(const struct dsv4_decode_compressor_args *a, int64
 int dsv4_decode_compressor(void *p, struct dsv4_err *e)
 {
     const struct dsv4_decode_compressor_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     const int64_t B = a->B, D = a->D, HD = a->HD, OD = a->OD, R = a->variant;
     float *xf = a->scratch, *kg = xf + B * D;        /* kg: [B][kv OD | score OD] */
     float *pooled = kg + B * 2 * OD, *sc = pooled + HD;
 
     for (int64_t b = 0; b < B; b++)
-        dsv4_bf16_row_to_f32(a->x + b * D, D, xf + b * D);
+        dsv4_bf16_row_to_f32(ops, a->x + b * D, D, xf + b * D);
     void *work = kg + B * 2 * OD + 2 * HD;
     struct dsv4_xwt_group kv_gate[2] = {{xf, a->wkv, kg}, {xf, a->wgate, kg + OD}};
-    dsv4_xwt_groups(kv_gate, 2, D, B, D, OD, D, 2 * OD, work, dsv4_num_threads());
+    dsv4_xwt_groups(ops, kv_gate, 2, D, B, D, OD, D, 2 * OD, work, dsv4_num_threads());
     if (!a->keep_kv)
         memset(a->kv, 0, (size_t)B * HD * sizeof(float));
 
@@ -173,7 +174,7 @@ int dsv4_decode_compressor(void *p, struct dsv4_err *e)
             pooled[c] = o;
         }
         /* RMSNorm with gamma, then RoPE on the last dims, all fp32 */
-        float inv = dsv4_rms_inv(pooled, HD, a->rms_norm_eps);
+        float inv = dsv4_rms_inv(ops, pooled, HD, a->rms_norm_eps);
         for (int64_t c = 0; c < HD; c++)
             sc[c] = (pooled[c] * inv) * dsv4_bf16_to_f32(a->norm_w[c]);
         const int64_t nd = HD - 2 * a->R2;
@@ -285,16 +286,17 @@ int dsv4_prefill_compressor_prepare(void *p, struct dsv4_err *e, size_t *scratch
 int dsv4_prefill_compressor(void *p, struct dsv4_err *e)
 {
     const struct dsv4_prefill_compressor_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     const int64_t T = a->T, D = a->D, OD = a->OD, HD = a->HD, R = a->variant;
     const int64_t n = a->num_tokens, span = R == 4 ? 8 : R, R2 = a->RW / 2, nd = HD - a->RW;
     float *xf = a->scratch, *K = xf + T * D, *G = K + T * OD, *Y = G + T * OD;
     float *slots = Y + T * HD;                        /* per thread: kv [span][HD], score [span][HD] */
 
     for (int64_t t = 0; t < T; t++)
-        dsv4_bf16_row_to_f32(a->x + t * D, D, xf + t * D);
+        dsv4_bf16_row_to_f32(ops, a->x + t * D, D, xf + t * D);
     void *work = slots + (size_t)dsv4_num_threads() * 2 * span * HD;
     struct dsv4_xwt_group kv_gate[2] = {{xf, a->wkv, K}, {xf, a->wgate, G}};
-    dsv4_xwt_groups(kv_gate, 2, D, T, D, OD, D, OD, work, dsv4_num_threads());
+    dsv4_xwt_groups(ops, kv_gate, 2, D, T, D, OD, D, OD, work, dsv4_num_threads());
     for (int64_t t = 0; t < n; t++) {                 /* scores carry the position embedding */
         const float *ape = a->ape + (a->position_ids[t] % R) * OD;
         for (int64_t c = 0; c < OD; c++)
@@ -371,7 +373,7 @@ int dsv4_prefill_compressor(void *p, struct dsv4_err *e)
                     y[c] = o;
                 }
             }
-            float inv = dsv4_rms_inv(y, HD, a->rms_norm_eps);
+            float inv = dsv4_rms_inv(ops, y, HD, a->rms_norm_eps);
             for (int64_t c = 0; c < HD; c++)
                 y[c] = (y[c] * inv) * dsv4_bf16_to_f32(a->norm_w[c]);
             for (int64_t i = 0; i < R2; i++) {

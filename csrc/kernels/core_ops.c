@@ -38,9 +38,10 @@ int dsv4_cast(void *p, struct dsv4_err *e)
     const struct dsv4_cast_args *a = p;
     int64_t i0 = 0;
 #if defined(__x86_64__)
-    if (a->variant == DSV4_CAST_EXP && dsv4_get_isa() >= DSV4_ISA_AVX512)
+    const enum dsv4_isa isa = dsv4_call_ops()->isa;
+    if (a->variant == DSV4_CAST_EXP && isa >= DSV4_ISA_AVX512)
         i0 = exp_avx512(a->x, a->N, a->y);
-    else if (a->variant == DSV4_CAST_EXP && dsv4_get_isa() >= DSV4_ISA_AVX2)
+    else if (a->variant == DSV4_CAST_EXP && isa >= DSV4_ISA_AVX2)
         i0 = exp_avx2(a->x, a->N, a->y);
 #endif
     for (int64_t i = i0; i < a->N; i++) {
@@ -73,8 +74,9 @@ int dsv4_quant_int8_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 int dsv4_quant_int8(void *p, struct dsv4_err *e)
 {
     const struct dsv4_quant_int8_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     for (int64_t m = 0; m < a->M; m++)
-        a->scale[m] = dsv4_quant_row_i8(a->x + m * a->N, a->N, a->y + m * a->N);
+        a->scale[m] = dsv4_quant_row_i8(ops, a->x + m * a->N, a->N, a->y + m * a->N);
     return DSV4_OK;
 }
 
@@ -114,6 +116,7 @@ int dsv4_matmul_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 int dsv4_matmul(void *p, struct dsv4_err *e)
 {
     const struct dsv4_matmul_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     int nthr = mm_threads();
     struct dsv4_arena ar = {a->scratch, 0};
     struct mm_scratch s;
@@ -136,12 +139,12 @@ int dsv4_matmul(void *p, struct dsv4_err *e)
         for (int64_t u = ith; u < units; u += nth) {
             int64_t n0 = u * 64, nc = N - n0 < 64 ? N - n0 : 64;
             if (a->variant == DSV4_MATMUL_I8_NT)
-                dsv4_gemm_i8_nt(s.a, s.rowsum, Mp, K, a->b, K, n0, nc, (int32_t *)s.c + n0, N);
+                dsv4_gemm_i8_nt(ops, s.a, s.rowsum, Mp, K, a->b, K, n0, nc, (int32_t *)s.c + n0, N);
             else if (i8)
-                dsv4_gemm_i8(s.a, s.rowsum, Mp, K, a->b, N, n0, nc, (int32_t *)s.c + n0, N,
+                dsv4_gemm_i8(ops, s.a, s.rowsum, Mp, K, a->b, N, n0, nc, (int32_t *)s.c + n0, N,
                              s.work[ith]);
             else
-                dsv4_gemm_bf16(s.a, Mp, K, a->b, N, n0, nc, (float *)s.c + n0, N, s.work[ith]);
+                dsv4_gemm_bf16(ops, s.a, Mp, K, a->b, N, n0, nc, (float *)s.c + n0, N, s.work[ith]);
         }
     }
     memcpy(a->c, s.c, (size_t)M * N * 4);
@@ -166,12 +169,13 @@ int dsv4_rope_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 int dsv4_rope(void *p, struct dsv4_err *e)
 {
     const struct dsv4_rope_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     float *cs = a->scratch;
     int64_t R2 = a->R / 2;
     for (int64_t m = 0; m < a->M; m++) {
-        dsv4_bf16_row_to_f32(a->cos + m * a->RW, R2, cs);
-        dsv4_bf16_row_to_f32(a->sin + m * a->RW, R2, cs + R2);
-        dsv4_rope_bf16(a->x + m * a->R, cs, cs + R2, a->R, a->variant, a->y + m * a->R);
+        dsv4_bf16_row_to_f32(ops, a->cos + m * a->RW, R2, cs);
+        dsv4_bf16_row_to_f32(ops, a->sin + m * a->RW, R2, cs + R2);
+        dsv4_rope_bf16(ops, a->x + m * a->R, cs, cs + R2, a->R, a->variant, a->y + m * a->R);
     }
     return DSV4_OK;
 }

@@ -21,20 +21,21 @@ static float sigmoid32(float z) { return 1.0f / (1.0f + exp32(-z)); }
 
 /* mix[i*M + m] = (chunked x_i . fn[m]) * rsqrt(chunked ss_i / K + eps) for the NX <= TB
  * tokens whose K values are the rows of xf. Chunk sums are added in order, per token. */
-static void hc_mix(const float *xf, int64_t NX, const float *fn, int64_t M, int64_t K, float eps,
-                   float *mix)
+static void hc_mix(const struct dsv4_ops *ops, const float *xf, int64_t NX, const float *fn,
+                   int64_t M, int64_t K, float eps, float *mix)
 {
     float part[TB * MAX_MIX], r[TB];
     for (int64_t i = 0; i < NX; i++) {
         float ss = 0.0f;
         for (int64_t k0 = 0; k0 < K; k0 += RMS_K_CHUNK)
-            ss = ss + dsv4_sum_sq(xf + i * K + k0, K - k0 < RMS_K_CHUNK ? K - k0 : RMS_K_CHUNK);
+            ss = ss + dsv4_sum_sq(ops, xf + i * K + k0,
+                                  K - k0 < RMS_K_CHUNK ? K - k0 : RMS_K_CHUNK);
         r[i] = 1.0f / sqrtf(ss * (1.0f / (float)K) + eps);
     }
     for (int64_t j = 0; j < NX * M; j++)
         mix[j] = 0.0f;
     for (int64_t k0 = 0; k0 < K; k0 += LINEAR_K_CHUNK) {
-        dsv4_dot_f32_grid(xf + k0, K, NX, fn + k0, K, M,
+        dsv4_dot_f32_grid(ops, xf + k0, K, NX, fn + k0, K, M,
                           K - k0 < LINEAR_K_CHUNK ? K - k0 : LINEAR_K_CHUNK, part, M);
         for (int64_t j = 0; j < NX * M; j++)
             mix[j] = mix[j] + part[j];
@@ -115,6 +116,7 @@ static void sinkhorn(float *c, int64_t n, int64_t iters, float eps)
 int dsv4_hc_pre(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_pre_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     const int64_t HC = a->HC, D = a->D, K = a->K, MIX = a->MIX, nb = (a->T + TB - 1) / TB;
     #pragma omp parallel num_threads(dsv4_num_threads())
     {
@@ -123,8 +125,8 @@ int dsv4_hc_pre(void *p, struct dsv4_err *e)
         float *mixes = xf + TB * K, *y = mixes + TB * MIX;
         for (int64_t b = ith; b < nb; b += nth) {
             int64_t t0 = b * TB, nx = a->T - t0 < TB ? a->T - t0 : TB;
-            dsv4_bf16_row_to_f32(a->x + t0 * K, nx * K, xf);
-            hc_mix(xf, nx, a->hc_fn, MIX, K, a->rms_norm_eps, mixes);
+            dsv4_bf16_row_to_f32(ops, a->x + t0 * K, nx * K, xf);
+            hc_mix(ops, xf, nx, a->hc_fn, MIX, K, a->rms_norm_eps, mixes);
             for (int64_t i = 0; i < nx; i++) {
                 int64_t t = t0 + i;
                 const float *mix = mixes + i * MIX, *xt = xf + i * K;
@@ -216,7 +218,8 @@ int dsv4_hc_post(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_post_args *a = p;
     const int64_t D = a->D, nb = (D + POST_BLOCK - 1) / POST_BLOCK;
-    const int avx = dsv4_get_isa() >= DSV4_ISA_AVX512, avx2 = dsv4_get_isa() >= DSV4_ISA_AVX2;
+    const enum dsv4_isa isa = dsv4_call_ops()->isa;
+    const int avx = isa >= DSV4_ISA_AVX512, avx2 = isa >= DSV4_ISA_AVX2;
     #pragma omp parallel for schedule(static) num_threads(dsv4_num_threads())
     for (int64_t u = 0; u < a->T * nb; u++) {
         int64_t t = u / nb, d = (u % nb) * POST_BLOCK, end = d + POST_BLOCK < D ? d + POST_BLOCK : D;
@@ -256,6 +259,7 @@ int dsv4_hc_head_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 int dsv4_hc_head(void *p, struct dsv4_err *e)
 {
     const struct dsv4_hc_head_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     const int64_t HC = a->HC, D = a->D, K = a->K, nb = (a->T + TB - 1) / TB;
     #pragma omp parallel num_threads(dsv4_num_threads())
     {
@@ -263,8 +267,8 @@ int dsv4_hc_head(void *p, struct dsv4_err *e)
         float *xf = (float *)a->scratch + (size_t)ith * (TB * K + TB * HC), *mixes = xf + TB * K;
         for (int64_t b = ith; b < nb; b += nth) {
             int64_t t0 = b * TB, nx = a->T - t0 < TB ? a->T - t0 : TB;
-            dsv4_bf16_row_to_f32(a->x_hc + t0 * K, nx * K, xf);
-            hc_mix(xf, nx, a->hc_head_fn, HC, K, a->rms_norm_eps, mixes);
+            dsv4_bf16_row_to_f32(ops, a->x_hc + t0 * K, nx * K, xf);
+            hc_mix(ops, xf, nx, a->hc_head_fn, HC, K, a->rms_norm_eps, mixes);
             for (int64_t i = 0; i < nx; i++) {
                 const float *xt = xf + i * K;
                 float pre[MAX_HC], terms[MAX_HC];

@@ -105,6 +105,7 @@ static void build_queries(const struct dsv4_indexer_query *q, const bf16_t *x, i
     const int64_t N = q->N, H = q->H, HHD = q->HHD, nd = HD - rd, R2 = rd / 2;
     const int64_t Np = dsv4_gemm_i8_rows(N), lda = dsv4_gemm_i8_lda(HD);
     const int nth = dsv4_num_threads();
+    const struct dsv4_ops *ops = dsv4_call_ops();
     dsv4_gemm_i8_prep_a(q->qr, N, q->QL, s->qra, s->qrsum);
     for (int64_t n = 0; n < Np; n++)
         for (int64_t d = 0; d < D; d++)
@@ -118,11 +119,12 @@ static void build_queries(const struct dsv4_indexer_query *q, const bf16_t *x, i
         void *work = (char *)s->work + (size_t)ith * w;
         for (int64_t u = ith; u < uq + 1; u += nt) {
             if (u == uq) {                            /* head weights (x . weights_proj) */
-                dsv4_gemm_bf16(s->xf, Np, D, q->weights_proj, H, 0, H, s->wt, H, work);
+                dsv4_gemm_bf16(ops, s->xf, Np, D, q->weights_proj, H, 0, H, s->wt, H, work);
                 continue;
             }
             int64_t n0 = u * COLS, nc = HHD - n0 < COLS ? HHD - n0 : COLS;
-            dsv4_gemm_i8(s->qra, s->qrsum, Np, q->QL, q->wq_b, HHD, n0, nc, s->qi + n0, HHD, work);
+            dsv4_gemm_i8(ops, s->qra, s->qrsum, Np, q->QL, q->wq_b, HHD, n0, nc, s->qi + n0, HHD,
+                         work);
         }
         #pragma omp barrier
         float *v = s->row + (size_t)ith * 2 * HD, *r = v + HD;
@@ -147,7 +149,7 @@ static void build_queries(const struct dsv4_indexer_query *q, const bf16_t *x, i
                     r[j] = r[j] + v[i] * dsv4_bf16_to_f32(Hm[i * HD + j]);
             int8_t *qa = s->qa + u * lda;
             memset(qa, 0, (size_t)lda);
-            s->qdq[u] = dsv4_quant_row_i8(r, HD, qa);
+            s->qdq[u] = dsv4_quant_row_i8(ops, r, HD, qa);
             int32_t sum = 0;
             for (int64_t d = 0; d < HD; d++)
                 sum += qa[d];
@@ -166,14 +168,15 @@ static void build_queries(const struct dsv4_indexer_query *q, const bf16_t *x, i
 static void build_keys(const struct dsv4_indexer_query *q, const bf16_t *cache, int64_t b,
                        int64_t slots, int64_t CBLK, int64_t HD, const struct query_scratch *s)
 {
+    const struct dsv4_ops *ops = dsv4_call_ops();
     #pragma omp parallel num_threads(dsv4_num_threads())
     {
         float *row = s->row + (size_t)omp_get_thread_num() * 2 * HD;
         #pragma omp for schedule(static)
         for (int64_t c = 0; c < slots; c++) {
             int64_t blk = q->idx_block_table[(b < 0 ? 0 : b) * q->NBT + c / CBLK];
-            dsv4_bf16_row_to_f32(cache + (blk * CBLK + c % CBLK) * HD, HD, row);
-            s->kdq[c] = dsv4_quant_row_i8(row, HD, s->ka + c * HD);
+            dsv4_bf16_row_to_f32(ops, cache + (blk * CBLK + c % CBLK) * HD, HD, row);
+            s->kdq[c] = dsv4_quant_row_i8(ops, row, HD, s->ka + c * HD);
         }
     }
 }
@@ -183,10 +186,11 @@ static void score_int(const struct query_scratch *s, int64_t r0, int64_t rows, i
                       int64_t HD)
 {
     const int64_t lda = dsv4_gemm_i8_lda(HD), units = (slots + COLS - 1) / COLS;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     #pragma omp parallel for schedule(static) num_threads(dsv4_num_threads())
     for (int64_t u = 0; u < units; u++) {
         int64_t n0 = u * COLS, nc = slots - n0 < COLS ? slots - n0 : COLS;
-        dsv4_gemm_i8_nt(s->qa + r0 * lda, s->qsum + r0, rows, HD, s->ka, HD, n0, nc,
+        dsv4_gemm_i8_nt(ops, s->qa + r0 * lda, s->qsum + r0, rows, HD, s->ka, HD, n0, nc,
                         s->s32 + r0 * slots + n0, slots);
     }
 }

@@ -69,6 +69,7 @@ static void ffn_rows(const int8_t *x, const float *sx, const float *rw, int64_t 
 {
     const int64_t Mp = dsv4_gemm_i8_rows(c);
     const int nth = dsv4_num_threads();
+    const struct dsv4_ops *ops = dsv4_call_ops();
     dsv4_gemm_i8_prep_a(x, c, D, s->xa, s->xsum);
     const int64_t ui = (I + COLS - 1) / COLS, ud = (D + COLS - 1) / COLS;
 
@@ -78,9 +79,9 @@ static void ffn_rows(const int8_t *x, const float *sx, const float *rw, int64_t 
         for (int64_t u = ith; u < 2 * ui; u += nt) {
             int64_t n0 = (u % ui) * COLS, nc = I - n0 < COLS ? I - n0 : COLS;
             if (u < ui)
-                dsv4_gemm_i8_nt(s->xa, s->xsum, Mp, D, w->w1, D, n0, nc, s->g + n0, I);
+                dsv4_gemm_i8_nt(ops, s->xa, s->xsum, Mp, D, w->w1, D, n0, nc, s->g + n0, I);
             else
-                dsv4_gemm_i8_nt(s->xa, s->xsum, Mp, D, w->w3, D, n0, nc, s->u + n0, I);
+                dsv4_gemm_i8_nt(ops, s->xa, s->xsum, Mp, D, w->w3, D, n0, nc, s->u + n0, I);
         }
         #pragma omp barrier
         float *h = s->rows + (size_t)ith * I;
@@ -98,7 +99,7 @@ static void ffn_rows(const int8_t *x, const float *sx, const float *rw, int64_t 
                 }
                 h[n] = (g / (1.0f + exp32(-g))) * v;
             }
-            float hs = dsv4_quant_row_i8(h, I, s->hq + j * I);
+            float hs = dsv4_quant_row_i8(ops, h, I, s->hq + j * I);
             s->rs[j] = rw ? hs * rw[j] : hs;
         }
         #pragma omp barrier
@@ -106,7 +107,7 @@ static void ffn_rows(const int8_t *x, const float *sx, const float *rw, int64_t 
         dsv4_gemm_i8_prep_a(s->hq, c, I, s->ha, s->hsum);
         for (int64_t u = ith; u < ud; u += nt) {
             int64_t n0 = u * COLS, nc = D - n0 < COLS ? D - n0 : COLS;
-            dsv4_gemm_i8_nt(s->ha, s->hsum, Mp, I, w->w2, I, n0, nc, s->y + n0, D);
+            dsv4_gemm_i8_nt(ops, s->ha, s->hsum, Mp, I, w->w2, I, n0, nc, s->y + n0, D);
         }
         #pragma omp barrier
         for (int64_t j = ith; j < c; j += nt)
@@ -290,6 +291,7 @@ static float weight_denominator(const float *v, int64_t K)
 int dsv4_gate(void *p, struct dsv4_err *e)
 {
     const struct dsv4_gate_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     const int64_t T = a->T, D = a->D, E = a->E, K = a->K, nb = (T + TB - 1) / TB;
     const int64_t n = active_tokens(a->num_tokens, T);
     const int hash = a->layer_id < a->num_hash_layers;
@@ -304,16 +306,17 @@ int dsv4_gate(void *p, struct dsv4_err *e)
             for (int64_t i = 0; i < nx; i++) {           /* G1, G2 */
                 int64_t t = t0 + i;
                 float *x = xn + i * D;
-                dsv4_bf16_row_to_f32(a->x_mixed + t * D, D, x);
-                float inv = 1.0f / sqrtf(dsv4_sum_sq(x, D) * (1.0f / (float)D) + a->rms_norm_eps);
+                dsv4_bf16_row_to_f32(ops, a->x_mixed + t * D, D, x);
+                float inv =
+                    1.0f / sqrtf(dsv4_sum_sq(ops, x, D) * (1.0f / (float)D) + a->rms_norm_eps);
                 for (int64_t d = 0; d < D; d++) {
                     bf16_t h = dsv4_f32_to_bf16((x[d] * inv) * dsv4_bf16_to_f32(a->norm_w[d]));
                     a->x_norm[t * D + d] = h;
                     x[d] = dsv4_bf16_to_f32(h);
                 }
-                a->x_norm_scale[t] = dsv4_quant_row_i8(x, D, a->x_norm_i8 + t * D);
+                a->x_norm_scale[t] = dsv4_quant_row_i8(ops, x, D, a->x_norm_i8 + t * D);
             }
-            dsv4_dot_f32_grid(xn, D, nx, a->gate_w, D, E, D, logit, E);     /* G3 */
+            dsv4_dot_f32_grid(ops, xn, D, nx, a->gate_w, D, E, D, logit, E);     /* G3 */
             for (int64_t i = 0; i < nx; i++) {
                 int64_t t = t0 + i;
                 float *z = logit + i * E, *sc = score + i * E;

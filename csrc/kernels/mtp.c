@@ -50,17 +50,17 @@ static void mtp_layout(const struct dsv4_mtp_projection_args *a, int nth, struct
  * scale. The golden clamps the int32 codes to +-127 before its int8 cast, so a product that
  * is NaN (a NaN in the row, or an Inf times the zero factor of an infinite amax) gives -127
  * there, not the 0 of dsv4_quant_row_i8. */
-static float mtp_row(const bf16_t *x, const float *w, const float *smooth, int64_t D, float eps,
-                     float *v, int8_t *q)
+static float mtp_row(const struct dsv4_ops *ops, const bf16_t *x, const float *w,
+                     const float *smooth, int64_t D, float eps, float *v, int8_t *q)
 {
-    dsv4_bf16_row_to_f32(x, D, v);
+    dsv4_bf16_row_to_f32(ops, x, D, v);
     float ss = 0.0f;
     for (int64_t k0 = 0; k0 < D; k0 += MTP_RMS_CHUNK)
-        ss = ss + dsv4_sum_sq(v + k0, D - k0 < MTP_RMS_CHUNK ? D - k0 : MTP_RMS_CHUNK);
+        ss = ss + dsv4_sum_sq(ops, v + k0, D - k0 < MTP_RMS_CHUNK ? D - k0 : MTP_RMS_CHUNK);
     const float inv = 1.0f / sqrtf(ss * (1.0f / (float)D) + eps);
     for (int64_t d = 0; d < D; d++)
         v[d] = ((v[d] * inv) * w[d]) * smooth[d];
-    const float dq = dsv4_quant_row_i8(v, D, q);
+    const float dq = dsv4_quant_row_i8(ops, v, D, q);
     if (!isfinite(dq))      /* amax NaN: every product NaN; amax Inf: NaN where v is infinite */
         for (int64_t d = 0; d < D; d++)
             if (isnan(dq) || isinf(v[d]))
@@ -88,6 +88,7 @@ int dsv4_mtp_projection(void *p, struct dsv4_err *e)
 {
     const struct dsv4_mtp_projection_args *a = p;
     const int nth = dsv4_num_threads();
+    const struct dsv4_ops *ops = dsv4_call_ops();
     struct dsv4_arena ar = {a->scratch, 0};
     struct mtp_scratch s;
     mtp_layout(a, nth, &ar, &s);
@@ -101,9 +102,9 @@ int dsv4_mtp_projection(void *p, struct dsv4_err *e)
         const int ith = omp_get_thread_num(), nt = omp_get_num_threads();
         float *v = s.rows + (size_t)ith * D;
         for (int64_t r = ith; r < T + NP; r += nt)
-            s.dq[r] = r < T ? mtp_row(a->hidden_states + r * D, a->enorm_w, a->e_proj_smooth, D,
-                                      a->rms_norm_eps, v, s.q + r * D)
-                            : mtp_row(a->prev_hidden_states + (r - T) * D, a->hnorm_w,
+            s.dq[r] = r < T ? mtp_row(ops, a->hidden_states + r * D, a->enorm_w, a->e_proj_smooth,
+                                      D, a->rms_norm_eps, v, s.q + r * D)
+                            : mtp_row(ops, a->prev_hidden_states + (r - T) * D, a->hnorm_w,
                                       a->h_proj_smooth, D, a->rms_norm_eps, v, s.q + r * D);
         #pragma omp barrier
         #pragma omp single
@@ -114,9 +115,9 @@ int dsv4_mtp_projection(void *p, struct dsv4_err *e)
         for (int64_t u = ith; u < 2 * units; u += nt) {
             const int64_t n0 = (u % units) * COLS, nc = D - n0 < COLS ? D - n0 : COLS;
             if (u < units)
-                dsv4_gemm_i8_nt(s.ea, s.esum, Tp, D, a->e_proj_w, D, n0, nc, s.e + n0, D);
+                dsv4_gemm_i8_nt(ops, s.ea, s.esum, Tp, D, a->e_proj_w, D, n0, nc, s.e + n0, D);
             else
-                dsv4_gemm_i8_nt(s.ha, s.hsum, Pp, D, a->h_proj_w, D, n0, nc, s.h + n0, D);
+                dsv4_gemm_i8_nt(ops, s.ha, s.hsum, Pp, D, a->h_proj_w, D, n0, nc, s.h + n0, D);
         }
         #pragma omp barrier
         for (int64_t r = ith; r < NP; r += nt) {
@@ -143,11 +144,12 @@ int dsv4_mtp_projection(void *p, struct dsv4_err *e)
 /* Few tokens: each (token, row) sum is the fmaf chain over k in order that the panel GEMM
  * makes, with the tokens in the lanes (Xt [D][LM_LANES], zero past NX) and each weight row
  * widened once (wf [D]): the same bits without the panel's transposes. */
-static void lm_rows_scalar(const float *Xt, int64_t NX, const bf16_t *W, int64_t nr, int64_t D,
-                           float *wf, float *out, int64_t ldo)
+static void lm_rows_scalar(const struct dsv4_ops *ops, const float *Xt, int64_t NX,
+                           const bf16_t *W, int64_t nr, int64_t D, float *wf, float *out,
+                           int64_t ldo)
 {
     for (int64_t m = 0; m < nr; m++) {
-        dsv4_bf16_row_to_f32(W + m * D, D, wf);
+        dsv4_bf16_row_to_f32(ops, W + m * D, D, wf);
         for (int64_t t = 0; t < NX; t++) {
             float c = 0.0f;
             for (int64_t k = 0; k < D; k++)
@@ -159,8 +161,9 @@ static void lm_rows_scalar(const float *Xt, int64_t NX, const bf16_t *W, int64_t
 
 #if defined(__x86_64__)
 /* 8 weight rows at a time, 8 independent chains; their k-slices widened into wf [8][LM_KC] */
-DSV4_AVX512 static void lm_rows_avx512(const float *Xt, int64_t NX, const bf16_t *W, int64_t nr,
-                                       int64_t D, float *wf, float *out, int64_t ldo)
+DSV4_AVX512 static void lm_rows_avx512(const struct dsv4_ops *ops, const float *Xt, int64_t NX,
+                                       const bf16_t *W, int64_t nr, int64_t D, float *wf,
+                                       float *out, int64_t ldo)
 {
     float v[8][LM_LANES] __attribute__((aligned(64)));
     for (int64_t m = 0; m < nr; m += 8) {
@@ -172,7 +175,7 @@ DSV4_AVX512 static void lm_rows_avx512(const float *Xt, int64_t NX, const bf16_t
             const int64_t kn = D - k0 < LM_KC ? D - k0 : LM_KC;
             for (int64_t i = 0; i < 8; i++)   /* rows past nr: zero weights, never stored */
                 if (i < rows)
-                    dsv4_bf16_row_to_f32(W + (m + i) * D + k0, kn, wf + i * LM_KC);
+                    dsv4_bf16_row_to_f32(ops, W + (m + i) * D + k0, kn, wf + i * LM_KC);
                 else
                     memset(wf + i * LM_KC, 0, (size_t)kn * sizeof(float));
             for (int64_t k = 0; k < kn; k++) {
@@ -218,6 +221,7 @@ int dsv4_lm_head(void *p, struct dsv4_err *e)
     const struct dsv4_lm_head_args *a = p;
     const int64_t NX = a->R * a->T, D = a->D, VS = a->VS, V = a->V;
     const int nth = dsv4_num_threads();
+    const struct dsv4_ops *ops = dsv4_call_ops();
     struct dsv4_arena ar = {a->scratch, 0};
     if (NX > LM_LANES) {
         float *X = dsv4_take(&ar, (size_t)NX * D * sizeof(float));
@@ -225,8 +229,8 @@ int dsv4_lm_head(void *p, struct dsv4_err *e)
         struct dsv4_xwt_group g[LM_MAX_SHARDS];
         for (int64_t s = 0; s < a->P; s++)
             g[s] = (struct dsv4_xwt_group){X, a->lm_head_weight + s * VS * D, a->logits + s * VS};
-        dsv4_bf16_row_to_f32(a->hidden_states, NX * D, X);
-        dsv4_xwt_groups(g, a->P, D, NX, D, VS, D, V, work, nth);
+        dsv4_bf16_row_to_f32(ops, a->hidden_states, NX * D, X);
+        dsv4_xwt_groups(ops, g, a->P, D, NX, D, VS, D, V, work, nth);
         return DSV4_OK;
     }
     float *Xt = dsv4_take(&ar, (size_t)LM_LANES * D * sizeof(float));
@@ -234,17 +238,17 @@ int dsv4_lm_head(void *p, struct dsv4_err *e)
     for (int64_t k = 0; k < D; k++)
         for (int64_t t = 0; t < LM_LANES; t++)
             Xt[k * LM_LANES + t] = t < NX ? dsv4_bf16_to_f32(a->hidden_states[t * D + k]) : 0.0f;
-    void (*rows)(const float *, int64_t, const bf16_t *, int64_t, int64_t, float *, float *,
-                 int64_t) = lm_rows_scalar;
+    void (*rows)(const struct dsv4_ops *, const float *, int64_t, const bf16_t *, int64_t, int64_t,
+                 float *, float *, int64_t) = lm_rows_scalar;
 #if defined(__x86_64__)
-    if (dsv4_get_isa() >= DSV4_ISA_AVX512)
+    if (ops->isa >= DSV4_ISA_AVX512)
         rows = lm_rows_avx512;
 #endif
     const int64_t per = (VS + LM_ROWS - 1) / LM_ROWS, units = a->P * per;
     #pragma omp parallel for schedule(static) num_threads(nth)
     for (int64_t u = 0; u < units; u++) {
         const int64_t s = u / per, r0 = u % per * LM_ROWS, nr = VS - r0 < LM_ROWS ? VS - r0 : LM_ROWS;
-        rows(Xt, NX, a->lm_head_weight + (s * VS + r0) * D, nr, D,
+        rows(ops, Xt, NX, a->lm_head_weight + (s * VS + r0) * D, nr, D,
              wf + (size_t)omp_get_thread_num() * wf_floats(D),
              a->logits + s * VS + r0, V);
     }

@@ -17,13 +17,14 @@ int dsv4_rms_norm_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 int dsv4_rms_norm(void *p, struct dsv4_err *e)
 {
     const struct dsv4_rms_norm_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     #pragma omp parallel num_threads(dsv4_num_threads())
     {
         float *row = (float *)a->scratch + (size_t)omp_get_thread_num() * a->D;
         int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         for (int64_t t = ith; t < a->T; t += nth) {
-            dsv4_bf16_row_to_f32(a->x + t * a->D, a->D, row);
-            float inv = dsv4_rms_inv(row, a->D, a->rms_norm_eps);
+            dsv4_bf16_row_to_f32(ops, a->x + t * a->D, a->D, row);
+            float inv = dsv4_rms_inv(ops, row, a->D, a->rms_norm_eps);
             for (int64_t d = 0; d < a->D; d++)
                 a->x_normed[t * a->D + d] =
                     dsv4_f32_to_bf16((row[d] * inv) * dsv4_bf16_to_f32(a->norm_w[d]));
@@ -130,18 +131,20 @@ int dsv4_qkv_proj_rope_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 }
 
 /* cos/sin of token t, first R/2 columns, widened */
-static void rope_row(const struct dsv4_qkv_proj_rope_args *a, int64_t t, float *cs)
+static void rope_row(const struct dsv4_ops *ops, const struct dsv4_qkv_proj_rope_args *a, int64_t t,
+                     float *cs)
 {
     /* prefill: every batch row uses positions start_pos..; otherwise one row per token */
     int64_t R2 = a->qk_rope_head_dim / 2;
     int64_t pos = a->variant == DSV4_QKV_PREFILL ? a->start_pos + t % a->S : t;
-    dsv4_bf16_row_to_f32(a->rope_cos + pos * a->RW, R2, cs);
-    dsv4_bf16_row_to_f32(a->rope_sin + pos * a->RW, R2, cs + R2);
+    dsv4_bf16_row_to_f32(ops, a->rope_cos + pos * a->RW, R2, cs);
+    dsv4_bf16_row_to_f32(ops, a->rope_sin + pos * a->RW, R2, cs + R2);
 }
 
 int dsv4_qkv_proj_rope(void *p, struct dsv4_err *e)
 {
     const struct dsv4_qkv_proj_rope_args *a = p;
+    const struct dsv4_ops *ops = dsv4_call_ops();
     struct dsv4_arena ar = {a->scratch, 0};
     struct qkv_scratch s;
     qkv_layout(a, &ar, &s);
@@ -162,9 +165,9 @@ int dsv4_qkv_proj_rope(void *p, struct dsv4_err *e)
                 memset(xr, 0, (size_t)D * sizeof(float));
                 continue;
             }
-            dsv4_bf16_row_to_f32(a->x + t * D, D, xr);
+            dsv4_bf16_row_to_f32(ops, a->x + t * D, D, xr);
             if (a->variant != DSV4_QKV_PLAIN) {
-                float inv = dsv4_rms_inv(xr, D, eps);
+                float inv = dsv4_rms_inv(ops, xr, D, eps);
                 for (int64_t d = 0; d < D; d++)
                     xr[d] = dsv4_round_bf16((xr[d] * inv) * a->norm_w[d]);
             }
@@ -177,9 +180,9 @@ int dsv4_qkv_proj_rope(void *p, struct dsv4_err *e)
             int64_t n0 = (u < uq ? u : u - uq) * GEMM_COLS, n = u < uq ? Q : HD;
             int64_t nc = n - n0 < GEMM_COLS ? n - n0 : GEMM_COLS;
             if (u < uq)
-                dsv4_gemm_bf16(s.xf, Mp, D, a->wq_a, Q, n0, nc, s.lat + n0, Q, th->gemm);
+                dsv4_gemm_bf16(ops, s.xf, Mp, D, a->wq_a, Q, n0, nc, s.lat + n0, Q, th->gemm);
             else
-                dsv4_gemm_bf16(s.xf, Mp, D, a->wkv, HD, n0, nc, s.kvf + n0, HD, th->gemm);
+                dsv4_gemm_bf16(ops, s.xf, Mp, D, a->wkv, HD, n0, nc, s.kvf + n0, HD, th->gemm);
         }
         #pragma omp barrier
 
@@ -187,22 +190,22 @@ int dsv4_qkv_proj_rope(void *p, struct dsv4_err *e)
         for (int64_t t = ith; t < T; t += nth) {
             float *row = th->row, *cs = th->row + (Q > HD ? Q : HD);
             const float *lat = s.lat + t * Q;
-            float inv = dsv4_rms_inv(lat, Q, eps);
+            float inv = dsv4_rms_inv(ops, lat, Q, eps);
             for (int64_t j = 0; j < Q; j++) {
                 row[j] = (lat[j] * inv) * dsv4_bf16_to_f32(a->gamma_cq[j]);
                 if (a->variant != DSV4_QKV_PLAIN)
                     row[j] = dsv4_round_bf16(row[j]);
             }
-            a->qr_scale[t] = dsv4_quant_row_i8(row, Q, a->qr + t * Q);
+            a->qr_scale[t] = dsv4_quant_row_i8(ops, row, Q, a->qr + t * Q);
 
             const float *kvf = s.kvf + t * HD;
-            inv = dsv4_rms_inv(kvf, HD, eps);
+            inv = dsv4_rms_inv(ops, kvf, HD, eps);
             for (int64_t d = 0; d < HD; d++)
                 row[d] = (kvf[d] * inv) * dsv4_bf16_to_f32(a->gamma_ckv[d]);
             for (int64_t d = 0; d < N; d++)
                 a->kv[t * HD + d] = dsv4_f32_to_bf16(row[d]);
-            rope_row(a, t, cs);
-            dsv4_rope_bf16(row + N, cs, cs + R / 2, R, 0, a->kv + t * HD + N);
+            rope_row(ops, a, t, cs);
+            dsv4_rope_bf16(ops, row + N, cs, cs + R / 2, R, 0, a->kv + t * HD + N);
         }
         #pragma omp barrier
         if (ith == 0)
@@ -211,7 +214,8 @@ int dsv4_qkv_proj_rope(void *p, struct dsv4_err *e)
 
         /* 4. per head: int8 GEMM, dequant, head RMSNorm, RoPE */
         for (int64_t h = ith; h < a->H; h += nth) {
-            dsv4_gemm_i8(s.qa, s.qsum, Mp, Q, a->wq_b, a->HHD, h * HD, HD, th->acc, HD, th->gemm);
+            dsv4_gemm_i8(ops, s.qa, s.qsum, Mp, Q, a->wq_b, a->HHD, h * HD, HD, th->acc, HD,
+                         th->gemm);
             float *row = th->row, *cs = th->row + HD;
             for (int64_t t = 0; t < T; t++) {
                 const int32_t *qi = th->acc + t * HD;
@@ -219,14 +223,14 @@ int dsv4_qkv_proj_rope(void *p, struct dsv4_err *e)
                 float sc = a->qr_scale[t];
                 for (int64_t d = 0; d < HD; d++)
                     row[d] = ((float)qi[d] * sc) * ws[d];
-                float inv = dsv4_rms_inv(row, HD, eps);
+                float inv = dsv4_rms_inv(ops, row, HD, eps);
                 for (int64_t d = 0; d < HD; d++)
                     row[d] = row[d] * inv;
                 bf16_t *out = a->q + (t * a->H + h) * HD;
                 for (int64_t d = 0; d < N; d++)
                     out[d] = dsv4_f32_to_bf16(row[d]);
-                rope_row(a, t, cs);
-                dsv4_rope_bf16(row + N, cs, cs + R / 2, R, 0, out + N);
+                rope_row(ops, a, t, cs);
+                dsv4_rope_bf16(ops, row + N, cs, cs + R / 2, R, 0, out + N);
             }
         }
     }

@@ -15,6 +15,9 @@
 #include "core/gemm.h"
 #include "kernels/kernels.h"
 
+/* the primitives' table of the chosen path, for the primitives called outside a kernel call */
+static const struct dsv4_ops *ops;
+
 /* ---- seeded values ---------------------------------------------------------------- */
 
 static uint64_t rng_state;
@@ -166,15 +169,15 @@ static void rows(void)
     float out[3 * 7];
     for (int i = 0; i < 7; i++) {
         float *a = f32s(ns[i], 10), *b = f32s(ns[i], 10);
-        out[3 * i] = dsv4_dot_f32(a, b, ns[i]);
-        out[3 * i + 1] = dsv4_sum_sq(a, ns[i]);
-        out[3 * i + 2] = dsv4_rms_inv(a, ns[i], 1e-6f);
+        out[3 * i] = dsv4_dot_f32(ops, a, b, ns[i]);
+        out[3 * i + 1] = dsv4_sum_sq(ops, a, ns[i]);
+        out[3 * i + 2] = dsv4_rms_inv(ops, a, ns[i], 1e-6f);
         free(a); free(b);
     }
     put("dot_sum_sq_rms", out, sizeof out);
     /* dot_f32_rows / grid against many rows */
     float *X = f32s(5 * 333, 3), *W = f32s(37 * 333, 3), grid[5 * 37];
-    dsv4_dot_f32_grid(X, 333, 5, W, 333, 37, 333, grid, 37);
+    dsv4_dot_f32_grid(ops, X, 333, 5, W, 333, 37, 333, grid, 37);
     put("dot_f32_grid", grid, sizeof grid);
     free(X); free(W);
 }
@@ -190,7 +193,7 @@ static void quant_rows(void)
     int8_t q[8 * 333];
     float sc[8];
     for (int r = 0; r < 8; r++)
-        sc[r] = dsv4_quant_row_i8(v + r * n, n, q + r * n);
+        sc[r] = dsv4_quant_row_i8(ops, v + r * n, n, q + r * n);
     put("quant_row_i8", q, sizeof q);
     put("quant_row_i8_scale", sc, sizeof sc);
     free(v);
@@ -201,8 +204,8 @@ static void rope(void)
     const int64_t n = 70;
     float *v = f32s(n, 4), *c = bf16vals(n / 2, 0, 0), *s = bf16vals(n / 2, 0, 0);
     bf16_t y[2 * 70];
-    dsv4_rope_bf16(v, c, s, n, 0, y);
-    dsv4_rope_bf16(v, c, s, n, 1, y + n);
+    dsv4_rope_bf16(ops, v, c, s, n, 0, y);
+    dsv4_rope_bf16(ops, v, c, s, n, 1, y + n);
     put("rope_bf16", y, sizeof y);
     free(v); free(c); free(s);
 }
@@ -216,7 +219,7 @@ static void gemms(int tiny)
     float *A = bf16vals(M * K, sp, sh);
     bf16_t *B = bf16s(K * N, sp, sh);
     float *C = xalloc(M * N * 4), *work = xalloc(dsv4_gemm_bf16_work(K));
-    dsv4_gemm_bf16(A, M, K, B, N, 0, N, C, N, work);
+    dsv4_gemm_bf16(ops, A, M, K, B, N, 0, N, C, N, work);
     snprintf(name, sizeof name, "gemm_bf16%s", tiny ? "_tiny" : "");
     put(name, C, M * N * 4);
 
@@ -225,26 +228,19 @@ static void gemms(int tiny)
         float *X = bf16vals(T * K, sp, sh), *out = xalloc(T * N * 4);
         bf16_t *W = bf16s(N * K, sp, sh);
         void *xw = xalloc(dsv4_xwt_work(T, N, K, 1, 2));
-        dsv4_xwt(X, K, T, W, K, N, K, out, N, xw, 2);
+        dsv4_xwt(ops, X, K, T, W, K, N, K, out, N, xw, 2);
         snprintf(name, sizeof name, "xwt_T%lld%s", (long long)T, tiny ? "_tiny" : "");
         put(name, out, T * N * 4);
         free(X); free(out); free(W); free(xw);
     }
 
-    /* PV and the fused dot grid */
+    /* PV */
     const int64_t H = 6, HD = 70, n = 45;
     float *P = bf16vals(n * H, sp, sh), *V = bf16vals(n * HD, sp, sh), *O = xalloc(H * HD * 4);
-    dsv4_pv(P, 1, H, H, V, n, HD, O);
+    dsv4_pv(ops, P, 1, H, H, V, n, HD, O);
     snprintf(name, sizeof name, "pv%s", tiny ? "_tiny" : "");
     put(name, O, H * HD * 4);
-    float *G = xalloc(9 * 11 * 4), *Xg = bf16vals(9 * K, sp, sh), *Wg = bf16vals(11 * K, sp, sh);
-    dsv4_dot_fma_grid(Xg, K, 9, Wg, NULL, K, 11, K, G, 11);
-    snprintf(name, sizeof name, "dot_fma_grid%s", tiny ? "_tiny" : "");
-    put(name, G, 9 * 11 * 4);
-    dsv4_dot_fma_grid(Xg, K, 9, NULL, B, K, 11, K, G, 11);
-    snprintf(name, sizeof name, "dot_fma_grid_bf16%s", tiny ? "_tiny" : "");
-    put(name, G, 9 * 11 * 4);
-    free(A); free(B); free(C); free(work); free(P); free(V); free(O); free(G); free(Xg); free(Wg);
+    free(A); free(B); free(C); free(work); free(P); free(V); free(O);
 }
 
 static void int8_gemms(void)
@@ -254,9 +250,9 @@ static void int8_gemms(void)
     int32_t *rs = xalloc(Mp * 4), *C = xalloc(Mp * N * 4);
     void *work = xalloc(dsv4_gemm_i8_work(K));
     dsv4_gemm_i8_prep_a(A, M, K, Ap, rs);
-    dsv4_gemm_i8(Ap, rs, Mp, K, B, N, 0, N, C, N, work);
+    dsv4_gemm_i8(ops, Ap, rs, Mp, K, B, N, 0, N, C, N, work);
     put("gemm_i8", C, M * N * 4);
-    dsv4_gemm_i8_nt(Ap, rs, Mp, K, Wt, K, 0, N, C, N);
+    dsv4_gemm_i8_nt(ops, Ap, rs, Mp, K, Wt, K, 0, N, C, N);
     put("gemm_i8_nt", C, M * N * 4);
     free(A); free(B); free(Wt); free(Ap); free(rs); free(C); free(work);
 }
@@ -373,6 +369,7 @@ int main(int argc, char **argv)
         return 2;
     }
     dsv4_set_num_threads(nth > 0 ? nth : 1);
+    ops = dsv4_ops_for(dsv4_get_isa());
     fprintf(stderr, "isa %s, %d threads\n", dsv4_isa_name(dsv4_get_isa()), dsv4_num_threads());
     rng_state = 20260708;
     conversions();
