@@ -1,6 +1,7 @@
 """Every public kernel against its golden, and the checks every kernel must pass:
 bad input, untouched inputs, thread count and ISA independence, symmetric names."""
 import dataclasses
+import functools
 import inspect
 
 import ml_dtypes
@@ -91,6 +92,9 @@ def test_small_config(kernel):
     cfg = dataclasses.replace(dsv4.FLASH, **SMALL)
     params = {k: v for k, v in next(iter(dsv4.specs.CASES[kernel].values())).items()}
     params.update({"T": 5} if "T" in params else {})
+    if kernel in SMALL_LAYER_CASES:
+        # the layers on a small MoE too (tests/test_layers.py runs every kind)
+        cfg, params = SMALL_LAYER, SMALL_LAYER_CASES[kernel]
     inputs = getattr(dsv4.specs, kernel)(**params, seed=1, config=cfg)
     takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters
     c_vs_golden(kernel, inputs, **({"config": cfg} if takes_config else {}))
@@ -99,14 +103,44 @@ def test_small_config(kernel):
 # ---- determinism ---------------------------------------------------------------
 
 # the layers' smallest cases: a sliding-window, hash-routed layer; one short request
-SMALL_CASES = {"decode_layer": dict(layer_id=0, n_local_experts=4),
+SMALL_CASES = {"decode_layer": dict(layer_id=0, n_local_experts=4, start_pos=1000),
                "prefill_layer": dict(layer_id=0, chunk_lens=(5,), n_local_experts=4),
                "lm_head": dict(T=8, vocab_size=2 * 500),
                "prefill_mtp": dict(num_tokens=5, n_local_experts=4)}
 
 
+@functools.lru_cache(maxsize=None)
+def _small_inputs(kernel, seed):
+    params = small_params(kernel, SMALL_CASES.get(kernel))
+    if kernel in SMALL_LAYER_CASES:
+        # a layer's FLASH weights are a gigabyte: its inputs carry the small model, so
+        # every call made with them runs on it
+        return read_only(dict(getattr(dsv4.specs, kernel)(**params, seed=seed, config=SMALL_LAYER),
+                              config=SMALL_LAYER))
+    return read_only(getattr(dsv4.specs, kernel)(**params, seed=seed))
+
+
+def read_only(inputs):
+    for v in inputs.values():
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)
+    return inputs
+
+
 def small_inputs(kernel, seed=7):
-    return getattr(dsv4.specs, kernel)(**small_params(kernel, SMALL_CASES.get(kernel)), seed=seed)
+    """Built once per module (FLASH weights take seconds to draw): the arrays are read-only,
+    but the states and caches the kernel updates are the caller's own copies."""
+    return {k: (v.copy() if k in dsv4.KERNELS[kernel].inouts else v)
+            for k, v in _small_inputs(kernel, seed).items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_small_inputs():
+    yield
+    _small_inputs.cache_clear()
+    _layer_inputs.cache_clear()
+    tiled_inputs.cache_clear()
+    _scalar_ref.clear()
 
 
 # the layers compose blocks and the MoE, whose paths the other kernels' cases cover at full
@@ -120,11 +154,19 @@ SMALL_LAYER_CASES = {"decode_layer": dict(start_pos=1000, layer_id=2, n_local_ex
                      "prefill_mtp": dict(start_pos=300, num_tokens=77, n_local_experts=4)}
 
 
+@functools.lru_cache(maxsize=None)
+def _layer_inputs(kernel, seed):
+    return read_only(getattr(dsv4.specs, kernel)(**SMALL_LAYER_CASES[kernel], seed=seed,
+                                                  config=SMALL_LAYER))
+
+
 def path_inputs(kernel, seed):
-    """Inputs for the thread and code-path checks, and the config to run them with."""
+    """Inputs for the thread and code-path checks, and the config to run them with (a
+    layer's built once per module, read-only but for the caller's own states and caches)."""
     if kernel in SMALL_LAYER_CASES:
-        cfg = {"config": SMALL_LAYER}
-        return getattr(dsv4.specs, kernel)(**SMALL_LAYER_CASES[kernel], seed=seed, **cfg), cfg
+        inputs = _layer_inputs(kernel, seed)
+        return ({k: (v.copy() if k in dsv4.KERNELS[kernel].inouts else v) for k, v in inputs.items()},
+                {"config": SMALL_LAYER})
     params = SMALL_CASES.get(kernel) or next(iter(dsv4.specs.CASES[kernel].values()))
     return getattr(dsv4.specs, kernel)(**params, seed=seed), {}
 
@@ -156,10 +198,18 @@ def need(name):
         pytest.skip(f"this CPU has no {name}")
 
 
-def assert_simd_matches_scalar(kernel, inputs, simd, isa, **kw):
+_scalar_ref = {}
+
+
+def assert_simd_matches_scalar(kernel, inputs, simd, isa, key=None, **kw):
+    """`key` names the inputs, so that the paths of one kernel share one scalar run."""
     need(simd)
-    isa("scalar")
-    ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs), **kw)
+    ref = _scalar_ref.get(key) if key is not None else None
+    if ref is None:
+        isa("scalar")
+        ref = dsv4.KERNELS[kernel](**fresh(kernel, inputs), **kw)
+        _scalar_ref.clear()
+        _scalar_ref[key] = ref
     isa(simd)
     out = dsv4.KERNELS[kernel](**fresh(kernel, inputs), **kw)
     for name in ref:
@@ -171,9 +221,9 @@ def assert_simd_matches_scalar(kernel, inputs, simd, isa, **kw):
 def test_same_bits_scalar_and_simd(kernel, simd, isa):
     if kernel in SMALL_LAYER_CASES:
         inputs, cfg = path_inputs(kernel, seed=7)
-        assert_simd_matches_scalar(kernel, inputs, simd, isa, **cfg)
+        assert_simd_matches_scalar(kernel, inputs, simd, isa, key=(kernel, "path"), **cfg)
     else:
-        assert_simd_matches_scalar(kernel, small_inputs(kernel), simd, isa)
+        assert_simd_matches_scalar(kernel, small_inputs(kernel), simd, isa, key=(kernel, "small"))
 
 
 # 16 tokens or more, with the deployment's K, is where the int8 GEMMs run on AMX tiles; 8
@@ -194,7 +244,12 @@ TILED = {"decode_compressor_ratio4": dict(B=8, S=1),
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("kernel", TILED)
 def test_same_bits_scalar_and_simd_at_tile_sizes(kernel, simd, isa):
-    assert_simd_matches_scalar(kernel, getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3), simd, isa)
+    assert_simd_matches_scalar(kernel, tiled_inputs(kernel), simd, isa, key=(kernel, "tiled"))
+
+
+@functools.lru_cache(maxsize=1)
+def tiled_inputs(kernel):
+    return read_only(getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3))
 
 
 # The bf16 weight-row GEMM runs in 32-row panels and 256-wide k-blocks, 8 tokens at a time;

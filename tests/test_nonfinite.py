@@ -3,6 +3,7 @@ contract 6): a NaN or an Inf planted in a float input lands on the same output e
 on every code path, and the integer outputs (int8 codes, indices) agree as they do on
 finite inputs."""
 import dataclasses
+import functools
 import inspect
 
 import ml_dtypes
@@ -25,7 +26,14 @@ LAYER_CASES = {"decode_layer": dict(SMALL_LAYER_CASES["decode_layer"], start_pos
 
 
 def inputs_of(kernel):
-    """Small seeded inputs of `kernel` and the config they are built for."""
+    """Small seeded inputs of `kernel` and the config they are built for: read-only arrays
+    the caller replaces, never writes (the states and caches go through `fresh`)."""
+    inputs, cfg = _inputs_of(kernel)
+    return dict(inputs), cfg
+
+
+@functools.lru_cache(maxsize=2)
+def _inputs_of(kernel):
     if kernel in LAYER_CASES:
         cfg = SMALL_LAYER
         params = LAYER_CASES[kernel]
@@ -33,8 +41,11 @@ def inputs_of(kernel):
         cfg = SMALL_CFG
         params = small_params(kernel)
     takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters
-    return (getattr(dsv4.specs, kernel)(**params, seed=11, config=cfg),
-            {"config": cfg} if takes_config else {})
+    inputs = getattr(dsv4.specs, kernel)(**params, seed=11, config=cfg)
+    for v in inputs.values():
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)
+    return inputs, {"config": cfg} if takes_config else {}
 
 
 def float_inputs(kernel):
