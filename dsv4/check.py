@@ -1,4 +1,5 @@
 """Run a kernel and its golden on the same inputs and compare every output."""
+import functools
 import inspect
 import statistics
 import time
@@ -41,7 +42,7 @@ def axes(kernel):
             if a["role"] in ("out", "inout", "stage")}
 
 
-def _per_layer(kernel, actual, exp, names, cmps, inputs, config):
+def _per_layer(kernel, actual, exp, names, cmps, inputs, config, use_golden):
     """A forward's x_next stage [layers, ...] as one entry per layer, x_next[L], each with
     the layer's x_next comparator and each against the layer run on the input the caller's
     forward gave it (dsv4.forward.each_layer): the first failing entry is the first layer
@@ -51,7 +52,11 @@ def _per_layer(kernel, actual, exp, names, cmps, inputs, config):
         return actual, exp
     a = actual.pop("x_next")
     exp.pop("x_next")
-    e = _forward.each_layer(kernel, inputs, a, **({} if config is None else {"config": config}))
+    own = _forward.on_given_inputs(kernel, inputs, a, golden=use_golden,
+                                   **({} if config is None else {"config": config}))
+    e = own.pop("x_next")
+    # the output: the head on the given last layer output, if that is what it came from
+    exp.update((n, v) for n, v in own.items() if n in actual)
     cmp = specs.COMPARATORS[kernel.replace("_fwd", "_layer")]["x_next"]
     for L in range(len(e)):
         actual[f"x_next[{L}]"], exp[f"x_next[{L}]"] = a[L], e[L]
@@ -137,7 +142,8 @@ def _stage_axes(kernel, shape, arrays):
     return tuple(dims.pop().split(",")) if len(dims) == 1 else None
 
 
-def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=None):
+def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=None,
+           golden=False):
     """Compare `actual` outputs (e.g. from an NPU) with dsv4's for the same inputs.
 
     `actual` maps names to arrays: outputs and updated states of the kernel, and also its
@@ -152,6 +158,13 @@ def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=No
     kernel table's axes), how the bad elements spread over each axis, and warns when a
     passing output hides its errors in one slice.  Comparing nothing fails; a name the
     kernel does not have raises ValueError.
+
+    The forward (decode_fwd, prefill_fwd): a bf16 residual stream drifts from layer to
+    layer, so its x_next stage [layers, ...] is checked layer by layer, x_next[L] against
+    layer L run on the given x_next[L - 1] (dsv4.forward.on_given_inputs, with the layer's
+    comparator; golden=True runs the golden layers), and its output, given with x_next,
+    against the head on the given last layer output: the first failing x_next[L] is the
+    first layer with an error of its own.
     """
     fn = _kernel(kernel)
     if not actual:
@@ -184,7 +197,7 @@ def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=No
     cmps.update((n, stage_comparator(np.asarray(exp[n]).dtype)) for n in exp
                 if n not in cmps and n not in fn.outputs + fn.inouts)
     cmps.update(comparators or {})
-    actual, exp = _per_layer(kernel, dict(actual), exp, names, cmps, inputs, config)
+    actual, exp = _per_layer(kernel, dict(actual), exp, names, cmps, inputs, config, golden)
     report = compare_outputs(actual, exp, cmps, inputs=inputs, axes=names)
     for n in actual:
         if n not in exp:
@@ -227,6 +240,17 @@ def check(kernel, case=None, *, seed=0, config=None, repeat=3, warmup=0, settle=
         inputs = getattr(specs, kernel)(**p, seed=seed, **cfg)
         if settle > 0:
             time.sleep(settle)
+        if kernel in DRIVERS:
+            # a forward's outputs drift from layer to layer: each layer is checked on its
+            # own input (verify's per-layer rule), the output on the last layer's
+            c_out, c_ms = _timed(kernel, functools.partial(run, stages=True),
+                                 {**inputs, **cfg}, repeat, warmup)
+            _, g_ms = _timed(kernel, getattr(golden, kernel), {**inputs, **cfg}, repeat, warmup)
+            out = c_out["stages"]
+            report = verify(kernel, {"x_next": out["x_next"], run.outputs[0]: c_out[run.outputs[0]]},
+                            inputs, config=config, expected={**out, **c_out}, golden=True)
+            results.append(CheckResult(kernel, name, p, report, c_ms, g_ms))
+            continue
         c_out, c_ms = _timed(kernel, run, {**inputs, **cfg}, repeat, warmup)
         g_out, g_ms = _timed(kernel, getattr(golden, kernel), {**inputs, **cfg}, repeat, warmup)
         report = compare_outputs(c_out, g_out, comparators(kernel), inputs=inputs,

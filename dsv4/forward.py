@@ -282,7 +282,10 @@ def run(kern, ops, x_hc, given, *, layers, layer_weights, stacked_layers, rope, 
         del t, kw, ckw, out
 
     if forced is not None:
-        return {"x_next": np.stack(per_layer_out)}
+        per_layer_out = np.stack(per_layer_out)
+        if hc_head is None:
+            return {"x_next": per_layer_out}
+        x = np.ascontiguousarray(forced[len(sched) - 1])      # the head on the given output
     x_head = np.stack([hc_head(x[r], given["hc_head_fn"][r], given["hc_head_scale"][r],
                                given["hc_head_base"][r], config=cfg)["y"] for r in range(R)])
     hidden = np.stack([rms_norm(x_head[r], given["final_norm_w"][r], config=cfg)["x_normed"]
@@ -291,6 +294,8 @@ def run(kern, ops, x_hc, given, *, layers, layer_weights, stacked_layers, rope, 
         valid = _valid_rows(meta[sched[0][1]], x.shape[1])
         hidden[:, ~valid] = 0
     name = "x_out" if prefill else "hidden_out"
+    if forced is not None:
+        return {"x_next": per_layer_out, name: hidden}
     result = {name: hidden}
     if lm_head_weight is not None:
         result["logits"] = lm_head(hidden, lm_head_weight)["logits"]
@@ -310,17 +315,28 @@ def each_layer(kern, inputs, x_next, *, golden=False, config=None, layers=None,
     charges each layer only for its own error: chained outputs drift apart from layer to
     layer even when every layer is within its comparator (a bf16 residual stream of
     many layers amplifies a rounding difference)."""
+    return on_given_inputs(kern, inputs, x_next, golden=golden, config=config, layers=layers,
+                           layer_weights=layer_weights, stacked_layers=stacked_layers,
+                           rope=rope, head=False)["x_next"]
+
+
+def on_given_inputs(kern, inputs, x_next, *, golden=False, config=None, layers=None,
+                    layer_weights=None, stacked_layers=None, rope="pypto", head=True):
+    """each_layer's x_next and, with head, the forward's output (hidden_out / x_out) of
+    hc_head and the final norm on the last given layer output: what a forward that took
+    the same inputs should have produced, step by step."""
     from . import _kernels, golden as _golden
     prefill = kern == "prefill_fwd"
     layer = kern.replace("_fwd", "_layer")
-    fn = getattr(_golden, layer) if golden else _kernels.KERNELS[layer]
+    ns = _golden if golden else _kernels.KERNELS
+    get = (lambda n: getattr(ns, n)) if golden else (lambda n: ns[n])
+    ops = (get(layer), get("hc_head") if head else None, get("rms_norm"), None)
     given = dict(inputs)
     x_hc = given.pop("x_hc")
     n = layers if layers is not None else np.shape(x_next)[0]
-    return run(kern, (fn, None, None, None), x_hc, given, layers=n,
-               layer_weights=layer_weights, stacked_layers=stacked_layers, rope=rope,
-               lm_head_weight=None, stages=False, config=config, prefill=prefill,
-               forced=x_next)["x_next"]
+    return run(kern, ops, x_hc, given, layers=n, layer_weights=layer_weights,
+               stacked_layers=stacked_layers, rope=rope, lm_head_weight=None, stages=False,
+               config=config, prefill=prefill, forced=x_next)
 
 
 def _valid_rows(meta, total):

@@ -323,4 +323,5 @@ def test_each_layer_runs_each_layer_on_the_given_input(dec, dec_runs, per_layer)
 def test_check_runs_the_forward():
     (r,) = dsv4.check("decode_fwd", start_pos=START, layers=3, n_local_experts=4, config=SMALL,
                       repeat=1)
-    assert r.passed and set(r.report.results) == {"hidden_out", *DECODE_CACHES}
+    assert r.passed, str(r)
+    assert set(r.report.results) == {"x_next[0]", "x_next[1]", "x_next[2]", "hidden_out"}
