@@ -143,7 +143,7 @@ def _stage_axes(kernel, shape, arrays):
 
 
 def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=None,
-           golden=False):
+           golden_layers=False):
     """Compare `actual` outputs (e.g. from an NPU) with dsv4's for the same inputs.
 
     `actual` maps names to arrays: outputs and updated states of the kernel, and also its
@@ -162,7 +162,7 @@ def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=No
     The forward (decode_fwd, prefill_fwd): a bf16 residual stream drifts from layer to
     layer, so its x_next stage [layers, ...] is checked layer by layer, x_next[L] against
     layer L run on the given x_next[L - 1] (dsv4.forward.on_given_inputs, with the layer's
-    comparator; golden=True runs the golden layers), and its output, given with x_next,
+    comparator; golden_layers=True runs the golden layers), and its output, given with x_next,
     against the head on the given last layer output: the first failing x_next[L] is the
     first layer with an error of its own.
     """
@@ -197,7 +197,8 @@ def verify(kernel, actual, inputs, *, expected=None, config=None, comparators=No
     cmps.update((n, stage_comparator(np.asarray(exp[n]).dtype)) for n in exp
                 if n not in cmps and n not in fn.outputs + fn.inouts)
     cmps.update(comparators or {})
-    actual, exp = _per_layer(kernel, dict(actual), exp, names, cmps, inputs, config, golden)
+    actual, exp = _per_layer(kernel, dict(actual), exp, names, cmps, inputs, config,
+                             golden_layers)
     report = compare_outputs(actual, exp, cmps, inputs=inputs, axes=names)
     for n in actual:
         if n not in exp:
@@ -248,7 +249,7 @@ def check(kernel, case=None, *, seed=0, config=None, repeat=3, warmup=0, settle=
             _, g_ms = _timed(kernel, getattr(golden, kernel), {**inputs, **cfg}, repeat, warmup)
             out = c_out["stages"]
             report = verify(kernel, {"x_next": out["x_next"], run.outputs[0]: c_out[run.outputs[0]]},
-                            inputs, config=config, expected={**out, **c_out}, golden=True)
+                            inputs, config=config, expected={**out, **c_out}, golden_layers=True)
             results.append(CheckResult(kernel, name, p, report, c_ms, g_ms))
             continue
         c_out, c_ms = _timed(kernel, run, {**inputs, **cfg}, repeat, warmup)
