@@ -1,8 +1,19 @@
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
 
 import dsv4
+
+# FLASH with small attention dims: the leaves' numerics are checked at full size elsewhere
+SMALL_ATTN = dataclasses.replace(
+    dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
+    qk_rope_head_dim=32, o_groups=2, o_lora_rank=64)
+# a small model for the blocks, layers and forward: SMALL_ATTN with a small MoE and indexer
+SMALL = dataclasses.replace(
+    SMALL_ATTN, name="small", moe_intermediate_size=128, n_routed_experts=8, index_n_heads=8,
+    vocab_size=4096, max_position_embeddings=2048)
 
 
 @pytest.fixture

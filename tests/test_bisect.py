@@ -1,6 +1,5 @@
 """Stage bisection: every golden's stages (same output bits, documented names), and
 dsv4.bisect.bisect finding the stage where a dump first departs from the golden."""
-import dataclasses
 import inspect
 import re
 
@@ -11,12 +10,8 @@ import dsv4
 from dsv4.bisect import bisect
 from dsv4.check import fresh
 from dsv4.golden.numerics import BF16, matmul_i8
-from conftest import small_params
+from conftest import SMALL, small_params
 
-SMALL = dataclasses.replace(
-    dsv4.FLASH, name="small", hidden_size=256, q_lora_rank=128, num_attention_heads=4,
-    head_dim=96, qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
-    n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
 
 # builder arguments, under SMALL, where a kernel's small case (conftest.small_params) will not do
 CASES = {

@@ -3,7 +3,6 @@ stage by stage, chained decode steps, and bad addresses that must change nothing
 
 The generic checks every kernel gets (deployment cases, thread counts, code paths,
 dtypes, shapes, input buffers) are in test_kernels.py."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -12,13 +11,11 @@ import dsv4
 from dsv4.check import fresh
 from dsv4.compare import compare_outputs
 from dsv4.golden.blocks import prefill_csa_rows, window_columns
-from conftest import same_bits
+from conftest import SMALL_ATTN, same_bits
 
 DECODE = ["decode_attention_swa", "decode_attention_hca", "decode_attention_csa"]
 PREFILL = ["prefill_attention_swa", "prefill_attention_hca", "prefill_attention_csa"]
 BLOCKS = DECODE + PREFILL
-SMALL = dataclasses.replace(dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4,
-                            head_dim=96, qk_rope_head_dim=32, o_groups=2, o_lora_rank=64)
 
 
 # ---- the index rows, by hand -----------------------------------------------------------
@@ -64,8 +61,8 @@ def test_prefill_csa_rows_by_hand():
 
 def small_block(kernel, seed=5, **kw):
     if kernel.startswith("decode"):
-        return getattr(dsv4.specs, kernel)(B=kw.pop("B", 3), seed=seed, config=SMALL, **kw)
-    return getattr(dsv4.specs, kernel)(T=kw.pop("T", 16), seed=seed, config=SMALL, **kw)
+        return getattr(dsv4.specs, kernel)(B=kw.pop("B", 3), seed=seed, config=SMALL_ATTN, **kw)
+    return getattr(dsv4.specs, kernel)(T=kw.pop("T", 16), seed=seed, config=SMALL_ATTN, **kw)
 
 
 LEAF = {"decode_attention_swa": "decode_sparse_attn_swa",
@@ -77,7 +74,7 @@ def leaf_inputs(kernel, inputs, out):
     """The sparse-attention leaf's arguments as the block must have passed them: the
     block's q, kv, RoPE rows and index rows, the caches after its compressors."""
     st = out["stages"]
-    R = SMALL.qk_rope_head_dim
+    R = SMALL_ATTN.qk_rope_head_dim
     cos, sin = dsv4.gather_rope_rows(inputs["freqs_cos"], inputs["freqs_sin"], inputs["position_ids"])
     d = dict(q=st["q"], ori_kv=inputs["kv_cache"], attn_sink=inputs["attn_sink"],
              freqs_cos=np.ascontiguousarray(cos[:, :R]), freqs_sin=np.ascontiguousarray(sin[:, :R]),
@@ -106,8 +103,8 @@ def leaf_inputs(kernel, inputs, out):
 @pytest.mark.parametrize("kernel", BLOCKS)
 def test_stages_match_the_golden(kernel):
     inputs = small_block(kernel)
-    c = dsv4.KERNELS[kernel](**fresh(kernel, inputs), config=SMALL, stages=True)
-    g = getattr(dsv4.golden, kernel)(**fresh(kernel, inputs), config=SMALL, stages=True)
+    c = dsv4.KERNELS[kernel](**fresh(kernel, inputs), config=SMALL_ATTN, stages=True)
+    g = getattr(dsv4.golden, kernel)(**fresh(kernel, inputs), config=SMALL_ATTN, stages=True)
     assert set(c["stages"]) == set(g["stages"])
     cs, gs = c["stages"], g["stages"]
     # the index rows of decode SWA and HCA come from the positions alone
@@ -121,12 +118,12 @@ def test_stages_match_the_golden(kernel):
     # attn_out is the leaf's on them, bit for bit (small heads make C and golden attn_out
     # differ by an int8 step now and then, so they are compared as whole blocks elsewhere)
     leaf = LEAF[kernel]
-    assert same_bits(dsv4.KERNELS[leaf](**leaf_inputs(kernel, inputs, c), config=SMALL)["attn_out"],
+    assert same_bits(dsv4.KERNELS[leaf](**leaf_inputs(kernel, inputs, c), config=SMALL_ATTN)["attn_out"],
                      cs["attn_out"])
     assert same_bits(getattr(dsv4.golden, leaf)(**leaf_inputs(kernel, inputs, g),
-                                                config=SMALL)["attn_out"], gs["attn_out"])
+                                                config=SMALL_ATTN)["attn_out"], gs["attn_out"])
     # the stages are what the kernel computes either way
-    plain = dsv4.KERNELS[kernel](**fresh(kernel, inputs), config=SMALL)
+    plain = dsv4.KERNELS[kernel](**fresh(kernel, inputs), config=SMALL_ATTN)
     assert "stages" not in plain
     for name in plain:
         assert same_bits(plain[name], c[name]), name
@@ -138,7 +135,7 @@ def test_write_back_lands_in_the_ring(kernel):
     inputs = small_block(kernel)
     kw = fresh(kernel, inputs)
     before = kw["kv_cache"].copy()
-    out = dsv4.KERNELS[kernel](**kw, config=SMALL, stages=True)
+    out = dsv4.KERNELS[kernel](**kw, config=SMALL_ATTN, stages=True)
     n = inputs.get("num_tokens", len(inputs["position_ids"]))
     slots = np.asarray(inputs["ori_slot_mapping"])[:n]
     ring = out["kv_cache"].reshape(-1, out["kv_cache"].shape[-1])
@@ -189,9 +186,9 @@ def test_decode_steps_across_window_boundaries(kernel, R, start):
     for step in range(5):
         d = advance(inputs, step, R)
         c = dsv4.KERNELS[kernel](**{**d, **{k: c_state[k] for k in dsv4.KERNELS[kernel].inouts}},
-                                 config=SMALL)
+                                 config=SMALL_ATTN)
         g = getattr(dsv4.golden, kernel)(**{**d, **{k: g_state[k] for k in dsv4.KERNELS[kernel].inouts}},
-                                         config=SMALL)
+                                         config=SMALL_ATTN)
         rep = compare_outputs(c, g, cmp, inputs=d)
         assert rep, f"step {step}: {rep}"
         for k in dsv4.KERNELS[kernel].inouts:
@@ -251,7 +248,7 @@ def test_bad_address_raises_and_changes_nothing(kernel, name):
         kw = fresh(kernel, bad)
         before = {k: kw[k].copy() for k in dsv4.KERNELS[kernel].inouts}
         with pytest.raises(ValueError):
-            impl(**kw, config=SMALL)
+            impl(**kw, config=SMALL_ATTN)
         for k, v in before.items():
             assert same_bits(kw[k], v), f"{impl.__module__}: {k} changed"
 
@@ -270,14 +267,14 @@ def test_prefill_then_decode_steps_share_the_ring():
         p = getattr(impl, "prefill_attention_swa") if name == "golden" else impl["prefill_attention_swa"]
         d = getattr(impl, "decode_attention_swa") if name == "golden" else impl["decode_attention_swa"]
         ring = fresh("prefill_attention_swa", pre)["kv_cache"]
-        out = p(**dict(pre, kv_cache=ring), config=SMALL, stages=True)
+        out = p(**dict(pre, kv_cache=ring), config=SMALL_ATTN, stages=True)
         prefill_kv = out["stages"]["kv"][:10]
         assert same_bits(ring.reshape(-1, ring.shape[-1])[:10], prefill_kv)
         xs = []
         for step in range(2):
             x = advance(dec, step, 0)
             x["kv_cache"] = ring                          # [1, 128, 1, HD]: the same page
-            xs.append(d(**x, config=SMALL)["x_out"])
+            xs.append(d(**x, config=SMALL_ATTN)["x_out"])
         rings[name] = (ring, xs)
     cmp = dsv4.specs.COMPARATORS["decode_attention_swa"]
     for step in range(2):

@@ -3,22 +3,17 @@ forward against the layers chained by hand (C and golden, bit for bit), C agains
 at every layer, layer prefixes, lazy memmapped weights, the RoPE option, and atomicity.
 
 A small model (SMALL) with FLASH's schedule: layers 0, 1 SWA, 2 CSA, 3 HCA."""
-import dataclasses
 
 import numpy as np
 import pytest
 
 import dsv4
-from conftest import same_bits
+from conftest import SMALL, same_bits
 from dsv4 import golden as G
 from dsv4 import specs as S
 from dsv4.forward import schedule
 from dsv4.specs.forward import _layer_seed
 
-SMALL = dataclasses.replace(
-    dsv4.FLASH, name="small", hidden_size=256, q_lora_rank=128, num_attention_heads=4,
-    head_dim=96, qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
-    n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
 N = 4
 START = 1000
 CHUNKS, STARTS = (20, 9), (40, 0)

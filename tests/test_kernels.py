@@ -12,7 +12,7 @@ import dsv4
 from dsv4._families import FAMILIES, NAMES
 from dsv4.check import fresh
 from dsv4.compare import compare_outputs
-from conftest import same_bits, small_params
+from conftest import SMALL, SMALL_ATTN, same_bits, small_params
 
 KERNELS = sorted(dsv4.KERNELS)
 
@@ -82,19 +82,14 @@ def test_prefill_positions_follow_start_pos():
         assert same_bits(ob[name], od[name]), name
 
 
-SMALL = dict(hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
-             qk_rope_head_dim=32, o_groups=2, o_lora_rank=64)
-
-
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_small_config(kernel):
-    import dataclasses
-    cfg = dataclasses.replace(dsv4.FLASH, **SMALL)
+    cfg = SMALL_ATTN
     params = {k: v for k, v in next(iter(dsv4.specs.CASES[kernel].values())).items()}
     params.update({"T": 5} if "T" in params else {})
     if kernel in SMALL_LAYER_CASES:
         # the layers on a small MoE too (tests/test_layers.py runs every kind)
-        cfg, params = SMALL_LAYER, SMALL_LAYER_CASES[kernel]
+        cfg, params = SMALL, SMALL_LAYER_CASES[kernel]
     inputs = getattr(dsv4.specs, kernel)(**params, seed=1, config=cfg)
     takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters
     c_vs_golden(kernel, inputs, **({"config": cfg} if takes_config else {}))
@@ -115,8 +110,8 @@ def _small_inputs(kernel, seed):
     if kernel in SMALL_LAYER_CASES:
         # a layer's FLASH weights are a gigabyte: its inputs carry the small model, so
         # every call made with them runs on it
-        return read_only(dict(getattr(dsv4.specs, kernel)(**params, seed=seed, config=SMALL_LAYER),
-                              config=SMALL_LAYER))
+        return read_only(dict(getattr(dsv4.specs, kernel)(**params, seed=seed, config=SMALL),
+                              config=SMALL))
     return read_only(getattr(dsv4.specs, kernel)(**params, seed=seed))
 
 
@@ -145,10 +140,6 @@ def _drop_small_inputs():
 
 # the layers compose blocks and the MoE, whose paths the other kernels' cases cover at full
 # size: their path and thread checks run a small model (CSA and hash-routed, the most glue)
-SMALL_LAYER = dataclasses.replace(
-    dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,
-    qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
-    n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
 SMALL_LAYER_CASES = {"decode_layer": dict(start_pos=1000, layer_id=2, n_local_experts=4),
                      "prefill_layer": dict(layer_id=2, chunk_lens=(130, 7), n_local_experts=4),
                      "prefill_mtp": dict(start_pos=300, num_tokens=77, n_local_experts=4)}
@@ -157,7 +148,7 @@ SMALL_LAYER_CASES = {"decode_layer": dict(start_pos=1000, layer_id=2, n_local_ex
 @functools.lru_cache(maxsize=None)
 def _layer_inputs(kernel, seed):
     return read_only(getattr(dsv4.specs, kernel)(**SMALL_LAYER_CASES[kernel], seed=seed,
-                                                  config=SMALL_LAYER))
+                                                  config=SMALL))
 
 
 def path_inputs(kernel, seed):
@@ -166,7 +157,7 @@ def path_inputs(kernel, seed):
     if kernel in SMALL_LAYER_CASES:
         inputs = _layer_inputs(kernel, seed)
         return ({k: (v.copy() if k in dsv4.KERNELS[kernel].inouts else v) for k, v in inputs.items()},
-                {"config": SMALL_LAYER})
+                {"config": SMALL})
     params = SMALL_CASES.get(kernel) or next(iter(dsv4.specs.CASES[kernel].values()))
     return getattr(dsv4.specs, kernel)(**params, seed=seed), {}
 
@@ -255,7 +246,7 @@ def tiled_inputs(kernel):
 # The bf16 weight-row GEMM runs in 32-row panels and 256-wide k-blocks, 8 tokens at a time;
 # here with partial panels (72 rows), a partial k-block whose width is no multiple of 8 or
 # 16 (196), token blocks past 32 (40) and an odd token count (9)
-PANEL = dict(SMALL, head_dim=98, o_lora_rank=72)
+PANEL = dataclasses.replace(SMALL_ATTN, head_dim=98, o_lora_rank=72)
 
 
 @pytest.mark.parametrize("T", [40, 9])
@@ -263,8 +254,7 @@ PANEL = dict(SMALL, head_dim=98, o_lora_rank=72)
 @pytest.mark.parametrize("kernel", ["prefill_sparse_attn", "prefill_compressor_ratio4",
                                     "prefill_compressor_ratio128"])
 def test_same_bits_scalar_and_simd_in_the_panel_gemm(kernel, simd, T, isa):
-    import dataclasses
-    cfg = dataclasses.replace(dsv4.FLASH, **PANEL)
+    cfg = PANEL
     params = dict(next(iter(dsv4.specs.CASES[kernel].values())), T=T)
     inputs = getattr(dsv4.specs, kernel)(**params, seed=4, config=cfg)
     takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters

@@ -3,7 +3,6 @@ number of the worked example §6.5.1), the layer goldens' composition, atomicity
 cross-tile / cross-call cache continuity the NPU draft of the chunked layer broke.
 
 Golden only; the goldens run on a small model (SMALL) so the file stays fast."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,11 +12,8 @@ from dsv4 import golden as G
 from dsv4 import specs as S
 from dsv4.compare import ratio_allclose
 from dsv4.layers import TILE
+from conftest import SMALL
 
-SMALL = dataclasses.replace(
-    dsv4.FLASH, name="small", hidden_size=256, q_lora_rank=128, num_attention_heads=4,
-    head_dim=96, qk_rope_head_dim=32, o_groups=2, o_lora_rank=64, moe_intermediate_size=128,
-    n_routed_experts=8, index_n_heads=8, vocab_size=4096, max_position_embeddings=2048)
 SWA, HCA, CSA = 0, 3, 2            # layer ids of each kind (layer 2: CSA and hash-routed)
 KIND = {SWA: "swa", HCA: "hca", CSA: "csa"}
 CACHES = ("kv_cache", "cmp_kv", "idx_kv_cache")

@@ -11,7 +11,7 @@ import dsv4
 from dsv4.compare import compare_outputs
 from dsv4.golden.numerics import BF16
 from conftest import same_bits
-from test_kernels import SMALL_LAYER
+from conftest import SMALL
 
 F = np.float32
 MTP = [pytest.param(dsv4.golden.mtp_projection, id="golden"), pytest.param(dsv4.mtp_projection, id="C")]
@@ -278,10 +278,6 @@ def test_lm_head_bad_input():
 
 
 # ---- prefill_mtp: the composition ---------------------------------------------------------
-
-# a small model: the leaves' numerics are checked at full size in their own tests
-SMALL = SMALL_LAYER
-
 
 def mtp_case(**kw):
     return dsv4.specs.prefill_mtp(**dict(dict(n_local_experts=4), **kw), seed=3, config=SMALL)

@@ -2,7 +2,6 @@
 contract 6): a NaN or an Inf planted in a float input lands on the same output elements,
 on every code path, and the integer outputs (int8 codes, indices) agree as they do on
 finite inputs."""
-import dataclasses
 import functools
 import inspect
 
@@ -14,10 +13,10 @@ import dsv4
 from dsv4.check import fresh
 from dsv4.compare import compare_outputs
 from conftest import same_bits, small_params
-from test_kernels import SMALL, SMALL_LAYER, SMALL_LAYER_CASES
+from conftest import SMALL, SMALL_ATTN
+from test_kernels import SMALL_LAYER_CASES
 
 FLOATS = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn))
-SMALL_CFG = dataclasses.replace(dsv4.FLASH, **SMALL)
 # the layers' smallest cases of SMALL_LAYER_CASES' kinds: one CSA decode step, one short
 # CSA request crossing a compression boundary
 LAYER_CASES = {"decode_layer": dict(SMALL_LAYER_CASES["decode_layer"], start_pos=7),
@@ -35,10 +34,10 @@ def inputs_of(kernel):
 @functools.lru_cache(maxsize=2)
 def _inputs_of(kernel):
     if kernel in LAYER_CASES:
-        cfg = SMALL_LAYER
+        cfg = SMALL
         params = LAYER_CASES[kernel]
     else:
-        cfg = SMALL_CFG
+        cfg = SMALL_ATTN
         params = small_params(kernel)
     takes_config = "config" in inspect.signature(getattr(dsv4, kernel)).parameters
     inputs = getattr(dsv4.specs, kernel)(**params, seed=11, config=cfg)
