@@ -10,7 +10,7 @@ import dsv4
 from dsv4.bisect import bisect
 from dsv4.check import fresh
 from dsv4.golden.numerics import BF16, matmul_i8
-from conftest import SMALL, small_params
+from conftest import SMALL, same_bits, small_params
 
 
 # builder arguments, under SMALL, where a kernel's small case (conftest.small_params) will not do
@@ -112,7 +112,17 @@ def test_c_stages_are_golden_stages(kernel):
     res = bisect(kernel, inputs, c_st, npu_outputs=c, config=SMALL)
     assert [s.name for s in res.stages] == [n for n in res.order if n in c_st or n in c]
     if not kernel.endswith("_layer"):
-        assert res and res.first_failure is None, str(res)
+        # Attention mixes tokens: one kv element whose bf16 rounding went the other way
+        # upstream (allowed there) moves every attn_out row that reads it. So in an
+        # attention block attn_out may fail only after an earlier stage differs in bits;
+        # every other stage and every output passes.
+        for s in res.stages:
+            if s.passed:
+                continue
+            assert kernel.startswith(("decode_attention", "prefill_attention")) \
+                and s.name == "attn_out", str(res)
+            earlier = res.order[:res.order.index(s.name)]
+            assert any(n in c_st and not same_bits(c_st[n], g_st[n]) for n in earlier), str(res)
         return
     # A layer's block stages hold R x T tokens: one token whose bf16 or int8 rounding went
     # the other way upstream (allowed there) moves all its later stages past a budget sized

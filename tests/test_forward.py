@@ -268,19 +268,45 @@ def test_prefill_fwd_is_the_layers_chained(impl, pre, pre_runs, pre_layers):
             assert same_bits(out["csa_cmp_kv_state"], outs[L]["csa_cmp_kv_state"])
 
 
-def test_prefill_fwd_c_matches_golden_at_every_layer(pre, pre_runs):
+def test_prefill_fwd_c_matches_golden_at_every_layer(pre, pre_runs, pre_layers):
+    """Each C layer against the golden layer run on the input the C forward gave it, for
+    x_next and for that layer's slice of every cache: chained, the two forwards drift
+    apart from layer to layer (a bf16 residual stream), so their caches are not compared
+    chained."""
     g, c = pre_runs
     inputs = dsv4.prefill_metadata(CHUNKS, STARTS, layer_id=0, n_ranks=2, config=SMALL)
-    cmp = S.COMPARATORS["prefill_layer"]["x_next"]
-    want = dsv4.forward.each_layer("prefill_fwd", pre, c["stages"]["x_next"], golden=True,
-                                   config=SMALL)
-    assert same_bits(want[0], g["stages"]["x_next"][0])
-    for L in range(N):
-        r = cmp(c["stages"]["x_next"][L], want[L], name=f"x_next[{L}]", inputs=inputs)
+    xs = c["stages"]["x_next"]
+    tables = {k: pre[k] for k in ("freqs_cos", "freqs_sin")}
+    owner = {"csa_": "csa", "idx_": "csa", "hca_": "hca"}
+    seen = set()
+    for L, kind, _ in schedule(N, SMALL):
+        x_in = pre["x_hc"] if L == 0 else xs[L - 1]
+        want = G.prefill_layer(**{**fresh(pre_layers[L]), **tables, "x_hc": x_in}, config=SMALL)
+        if L == 0:
+            assert same_bits(want["x_next"], g["stages"]["x_next"][0])
+        r = S.COMPARATORS["prefill_layer"]["x_next"](xs[L], want["x_next"], name=f"x_next[{L}]",
+                                                      inputs=inputs)
         assert r.passed, r.message
-    for name in ("x_out", *PREFILL_CACHES):
-        r = S.COMPARATORS["prefill_fwd"][name](c[name], g[name], name=name, inputs=inputs)
-        assert r.passed, r.message
+        for name in PREFILL_CACHES:
+            m = want[name].shape[1]
+            if c[name].shape[1] == N * m:
+                got = c[name][:, L * m:(L + 1) * m]
+            elif owner.get(name[:4]) == kind:
+                got = c[name]
+            else:
+                continue
+            r = S.COMPARATORS["prefill_fwd"][name](got, want[name], name=f"{name} of layer {L}",
+                                                   inputs=inputs)
+            assert r.passed, r.message
+            seen.add(name)
+    assert seen == set(PREFILL_CACHES)
+    want = head(G.hc_head, G.rms_norm, xs[N - 1], pre)
+    valid = np.zeros(want.shape[1], bool)
+    for n, base in zip(inputs["chunk_lens"][0], inputs["chunk_offsets"][0]):
+        valid[base:base + n] = True
+    want[:, ~valid] = 0
+    r = S.COMPARATORS["prefill_fwd"]["x_out"](c["x_out"], want, name="x_out", inputs=inputs)
+    assert r.passed, r.message
 
 
 # ------------------------------------------------------------- finding the layer
