@@ -40,7 +40,8 @@ DEPLOYMENT = [(k, case) for k in KERNELS for case in dsv4.specs.CASES[k]
 
 @pytest.mark.parametrize("kernel,case", DEPLOYMENT, ids=[f"{k}-{c}" for k, c in DEPLOYMENT])
 def test_deployment_case(kernel, case):
-    results = dsv4.check(kernel, case, repeat=1)
+    # seed 7, as the other tests here: the builders then draw each FLASH weight once
+    results = dsv4.check(kernel, case, seed=7, repeat=1)
     assert all(results), "\n".join(map(str, results))
 
 
@@ -62,7 +63,7 @@ ODD = [
 
 @pytest.mark.parametrize("kernel,params", ODD, ids=[f"{k}-{p}" for k, p in ODD])
 def test_odd_shapes(kernel, params):
-    c_vs_golden(kernel, getattr(dsv4.specs, kernel)(**params, seed=3))
+    c_vs_golden(kernel, getattr(dsv4.specs, kernel)(**params, seed=7))
 
 
 def test_prefill_positions_follow_start_pos():
@@ -164,7 +165,7 @@ def path_inputs(kernel, seed):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_same_bits_for_any_thread_count(kernel, threads):
-    inputs, cfg = path_inputs(kernel, seed=2)
+    inputs, cfg = path_inputs(kernel, seed=7)
     runs = []
     unpinned = dsv4._C._unpinned_reads()
     for n in (1, 2, 3):
@@ -240,7 +241,7 @@ def test_same_bits_scalar_and_simd_at_tile_sizes(kernel, simd, isa):
 
 @functools.lru_cache(maxsize=1)
 def tiled_inputs(kernel):
-    return read_only(getattr(dsv4.specs, kernel)(**TILED[kernel], seed=3))
+    return read_only(getattr(dsv4.specs, kernel)(**TILED[kernel], seed=7))
 
 
 # The bf16 weight-row GEMM runs in 32-row panels and 256-wide k-blocks, 8 tokens at a time;

@@ -97,7 +97,7 @@ def int8_quant_per_column(w):
     amax = np.maximum(np.max(np.abs(w), axis=0), INT8_AMAX_EPS)
     sq = (F32(1.0) / amax) * INT8_SCALE_MAX
     i32 = np.clip(np.rint(w * sq).astype(np.int32), -127, 127)
-    return i32.astype(np.float16).astype(np.int8), F32(1.0) / sq
+    return i32.astype(np.int8), F32(1.0) / sq        # in [-127, 127]: exact
 
 
 def matmul_bf16(a, b):

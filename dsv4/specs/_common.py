@@ -4,10 +4,13 @@ Each tensor is drawn from its own generator, seeded by (seed, tensor name),
 so adding a tensor to a kernel never changes the others' values.
 """
 import functools
+import math
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .._threads import default_num_threads
 from ..golden.numerics import BF16, bf16_rne
 
 
@@ -22,8 +25,25 @@ def uniform_bf16(seed, name, shape, lo, hi):
     return bf16_rne(lo_ + k * ((hi_ - lo_) / np.float32(256)))
 
 
+_BLOCK = 1 << 22
+
+
 def normal(seed, name, shape):
-    return rng(seed, name).standard_normal(size=shape, dtype=np.float32)
+    """N(0, 1) fp32. A large tensor is drawn in blocks of 4 Mi elements, each from its own
+    generator, in parallel (NumPy releases the GIL): weights of a FLASH layer take seconds
+    to draw, and the values do not depend on the thread count."""
+    n = math.prod(shape)
+    if n <= _BLOCK:
+        return rng(seed, name).standard_normal(size=shape, dtype=np.float32)
+    out = np.empty(shape, np.float32)
+    flat = out.reshape(-1)
+
+    def fill(i):
+        rng(seed, f"{name}#{i // _BLOCK}").standard_normal(dtype=np.float32,
+                                                          out=flat[i:i + _BLOCK])
+    with ThreadPoolExecutor(default_num_threads()) as pool:
+        list(pool.map(fill, range(0, n, _BLOCK)))
+    return out
 
 
 def cached(fn):

@@ -5,9 +5,12 @@ The expert weights imitate the real checkpoint's quantisation grids (§8): route
 experts an MXFP4 grid, the shared expert an MXFP8 grid, both re-quantised to int8
 per output channel and scaled to a target dequant standard deviation.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ..compare import allclose, ratio_allclose, ratio_reldiff, topk_pair_compare
+from .._threads import default_num_threads
 from ..config import EP_WORLD_SIZE, get_config
 from ..golden.numerics import bf16_rne, exp32, f32, fp8_e4m3fn, int8_quant_per_row
 from ._common import cached, normal, rng
@@ -70,30 +73,49 @@ def _int8_per_channel(wq):
     return np.clip(np.rint(wq / s), -127, 127).astype(np.int8), s[:, 0]
 
 
-def _rescale(w_i8, scale, sigma_star):
+def _row_moments(w_i8):
+    """(sum, sum of squares) of each int8 row, exactly, as int64."""
+    w16 = w_i8.astype(np.int16)
+    return w_i8.sum(axis=-1, dtype=np.int64), (w16 * w16).sum(axis=-1, dtype=np.int64)
+
+
+def _rescale(moments, scale, sigma_star):
     """§8.1 step 4: one correction of all scales so that std(w_i8 * scale) over the whole
-    tensor (unbiased) is sigma_star. Per channel the int8 sums are exact, so the moments
-    are s * sum(w) and s^2 * sum(w^2), accumulated in float64."""
-    w = w_i8.reshape(-1, w_i8.shape[-1])
+    tensor (unbiased) is sigma_star. Per channel the int8 sums are exact (`moments`, from
+    _row_moments, with the channels in scale's order), so the moments are s * sum(w) and
+    s^2 * sum(w^2), accumulated in float64."""
+    (sum1, sum2), n = moments
     s = scale.reshape(-1).astype(np.float64)
-    w16 = w.astype(np.int16)
-    s1 = np.dot(s, w.sum(axis=-1, dtype=np.int64))
-    s2 = np.dot(s * s, (w16 * w16).sum(axis=-1, dtype=np.int64))
-    n = w.size
+    s1 = np.dot(s, sum1.reshape(-1))
+    s2 = np.dot(s * s, sum2.reshape(-1))
     sigma = np.sqrt((s2 - s1 * s1 / n) / (n - 1))
     return (scale * np.float32(sigma_star / sigma)).astype(np.float32)
 
 
+def _routed_expert(g, out, inn):
+    """One expert's (w_i8 [out, in], scale [out]): the grids work on 32 rows at a time,
+    which stay in the cache (every step is row-local)."""
+    w = g.standard_normal((out, inn), np.float32)
+    w_i8 = np.empty((out, inn), np.int8)
+    scale = np.empty(out, np.float32)
+    sums = np.empty((2, out), np.int64)
+    for r in range(0, out, 32):
+        rows = slice(r, r + 32)
+        w_i8[rows], scale[rows] = _int8_per_channel(_fp4_grid(w[rows]))
+        sums[:, rows] = _row_moments(w_i8[rows])
+    return w_i8, scale, sums
+
+
 def _gen_routed_weight(seed, name, shape, sigma_star):
     """(w_i8 [E, out, in] int8, scale [E, out] fp32) on a simulated MXFP4 grid (§8.1),
-    drawn and quantised one expert at a time."""
+    each expert drawn from its own generator, so the experts are built in parallel (NumPy
+    releases the GIL) and the values do not depend on the thread count."""
     E, out, inn = shape
-    g = rng(seed, name)
-    w_i8 = np.empty(shape, np.int8)
-    scale = np.empty((E, out), np.float32)
-    for e in range(E):
-        w_i8[e], scale[e] = _int8_per_channel(_fp4_grid(g.standard_normal((out, inn), np.float32)))
-    return w_i8, _rescale(w_i8, scale, sigma_star)
+    with ThreadPoolExecutor(min(E, default_num_threads())) as pool:
+        parts = list(pool.map(lambda e: _routed_expert(rng(seed, f"{name}[{e}]"), out, inn),
+                              range(E)))
+    w_i8, scale, sums = (np.stack(p) for p in zip(*parts))
+    return w_i8, _rescale(((sums[:, 0], sums[:, 1]), w_i8.size), scale, sigma_star)
 
 
 def _gen_shared_weight(seed, name, shape, sigma_star, c):
@@ -107,7 +129,7 @@ def _gen_shared_weight(seed, name, shape, sigma_star, c):
     for r0 in range(0, out, 128):
         rows = slice(r0, r0 + 128)
         w_i8[rows], scale[rows] = _int8_per_channel(_fp8_grid(w[rows] * gain[rows]))
-    return w_i8, _rescale(w_i8, scale, sigma_star)
+    return w_i8, _rescale((_row_moments(w_i8), w_i8.size), scale, sigma_star)
 
 
 @cached
