@@ -12,7 +12,7 @@ from dsv4 import golden as G
 from dsv4 import specs as S
 from dsv4.compare import ratio_allclose
 from dsv4.layers import TILE
-from conftest import SMALL
+from conftest import SMALL, same_bits
 
 SWA, HCA, CSA = 0, 3, 2            # layer ids of each kind (layer 2: CSA and hash-routed)
 KIND = {SWA: "swa", HCA: "hca", CSA: "csa"}
@@ -27,11 +27,6 @@ DECODE_INOUTS = ("kv_cache", "hca_compress_state", "csa_compress_state",
 
 def fresh(inputs, inouts):
     return {k: (v.copy() if k in inouts else v) for k, v in inputs.items()}
-
-
-def same_bits(a, b):
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def r_(lo, hi):
