@@ -50,7 +50,7 @@ def same_bits(a, b):
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    if a.dtype.itemsize not in (1, 2, 4, 8):
+    if a.dtype.hasobject or a.dtype.itemsize not in (1, 2, 4, 8):
         return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
     bits = np.dtype(f"u{a.dtype.itemsize}")     # compared in place, no copy
     return bool(np.array_equal(a.view(bits), b.view(bits)))
