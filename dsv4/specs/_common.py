@@ -3,8 +3,10 @@
 Each tensor is drawn from its own generator, seeded by (seed, tensor name),
 so adding a tensor to a kernel never changes the others' values.
 """
+import collections
 import functools
 import math
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,18 +48,36 @@ def normal(seed, name, shape):
     return out
 
 
-def cached(fn):
-    """Cache a builder of large, deterministic weights; the arrays come back read-only."""
-    @functools.lru_cache(maxsize=4)
-    def build(*args):
-        out = fn(*args)
-        for a in (out if isinstance(out, tuple) else (out,)):
-            a.setflags(write=False)
-        return out
+CACHE_BYTES = 2 << 30
+_cache = collections.OrderedDict()      # (builder, args) -> (result, bytes), oldest first
+_cache_lock = threading.Lock()
 
+
+def cached(fn):
+    """Cache a builder of large, deterministic weights; the arrays come back read-only.
+    One cache for all builders, the least recently used results dropped beyond
+    CACHE_BYTES: a test session or a notebook reuses the weights of the cases it ran
+    last, and memory stays bounded however many it runs."""
     @functools.wraps(fn)
     def wrapper(*args):
-        return build(*args)
+        key = (fn.__module__, fn.__qualname__, args)
+        with _cache_lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                return hit[0]
+        out = fn(*args)
+        arrays = out if isinstance(out, tuple) else (out,)
+        for a in arrays:
+            a.setflags(write=False)
+        size = sum(a.nbytes for a in arrays)
+        with _cache_lock:
+            _cache[key] = (out, size)
+            total = sum(n for _, n in _cache.values())
+            while total > CACHE_BYTES and len(_cache) > 1:
+                _, (_, n) = _cache.popitem(last=False)
+                total -= n
+        return out
     return wrapper
 
 
