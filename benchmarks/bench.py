@@ -1,12 +1,14 @@
 """Time every kernel's C implementation and its NumPy golden in one run.
 
-    python benchmarks/bench.py [kernel ...] [--repeat 5] [--threads N] [--isa NAME] [--markdown]
+    python benchmarks/bench.py [kernel ...] [--repeat 5] [--threads N] [--isa NAME[,NAME]]
+                               [--markdown]
 
 For each kernel and deployment case (dsv4.specs.CASES): median wall time of
 the C kernel and of the golden over --repeat runs on the same inputs, and the
 ratio golden / C. "C into buffers" times the C kernel writing into
 pre-allocated outputs (as pypto-lib's goldens do), which leaves out the page
-faults of fresh output memory.
+faults of fresh output memory. With several code paths (--isa scalar,avx2) the C kernel
+is timed on each, on the same inputs, beside one golden time.
 """
 import argparse
 import statistics
@@ -39,28 +41,36 @@ def median_ms(name, fn, kwargs, repeat):
     return statistics.median(times) * 1e3
 
 
+def cases(name, no_full):
+    out = dict(dsv4.specs.CASES[name])
+    if not no_full:
+        out.update(FULL.get(name, {}))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernels", nargs="*")
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--isa", default=None, help="code path: scalar, avx2, avx512, amx (default: the best)")
+    ap.add_argument("--isa", default=None,
+                    help="code path(s), comma-separated: scalar, avx2, avx512, amx (default: the best)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--no-full", action="store_true", help="skip the full-size FLASH cases")
     args = ap.parse_args(argv)
     if args.threads:
         dsv4.set_num_threads(args.threads)
-    if args.isa:
-        dsv4.set_isa(args.isa)
+    isas = args.isa.split(",") if args.isa else [dsv4.get_isa()]
+    for isa in isas:
+        dsv4.set_isa(isa)           # an unknown or missing path raises here, before any timing
     names = args.kernels or sorted(dsv4.KERNELS)
-    print(f"# dsv4 {dsv4.__version__}: {dsv4.get_num_threads()} threads, isa {dsv4.get_isa()}, "
+    print(f"# dsv4 {dsv4.__version__}: {dsv4.get_num_threads()} threads, isa {', '.join(isas)}, "
           f"median of {args.repeat}", flush=True)
+    if len(isas) > 1:
+        return by_path(names, isas, args)
     rows = []
     for name in names:
-        cases = dict(dsv4.specs.CASES[name])
-        if not args.no_full:
-            cases.update(FULL.get(name, {}))
-        for case, params in cases.items():
+        for case, params in cases(name, args.no_full).items():
             inputs = getattr(dsv4.specs, name)(**params)
             kernel = dsv4.KERNELS[name]
             c_ms = median_ms(name, kernel, inputs, args.repeat)
@@ -76,6 +86,31 @@ def main(argv=None):
               "|---|---|---:|---:|---:|---:|")
         for name, case, shape, c, b, g in rows:
             print(f"| `{name}` | {case} ({shape}) | {c:.2f} | {b:.2f} | {g:.1f} | {g / c:.1f}x |")
+    return 0
+
+
+def by_path(names, isas, args):
+    """The C kernel on each code path and the golden, per case."""
+    rows = []
+    for name in names:
+        for case, params in cases(name, args.no_full).items():
+            inputs = getattr(dsv4.specs, name)(**params)
+            c_ms = []
+            for isa in isas:
+                dsv4.set_isa(isa)
+                c_ms.append(median_ms(name, dsv4.KERNELS[name], inputs, args.repeat))
+            g_ms = median_ms(name, getattr(dsv4.golden, name), inputs, args.repeat)
+            rows.append((name, case, c_ms, g_ms))
+            print(f"{name:24s} {case:14s} " + "  ".join(f"{i} {t:9.2f} ms" for i, t in zip(isas, c_ms))
+                  + f"  golden {g_ms:9.2f} ms  " + " ".join(f"x{g_ms / t:.1f}" for t in c_ms),
+                  flush=True)
+    if args.markdown:
+        print("\n| kernel | case | " + " | ".join(f"C {i} ms" for i in isas) + " | NumPy golden ms | "
+              + " | ".join(f"golden / {i}" for i in isas) + " |\n|---|---|"
+              + "---:|" * (2 * len(isas) + 1))
+        for name, case, c_ms, g in rows:
+            print(f"| `{name}` | {case} | " + " | ".join(f"{t:.2f}" for t in c_ms) + f" | {g:.1f} | "
+                  + " | ".join(f"{g / t:.1f}x" for t in c_ms) + " |")
     return 0
 
 
