@@ -18,7 +18,6 @@ N = 4
 START = 1000
 CHUNKS, STARTS = (20, 9), (40, 0)
 DECODE_CACHES = dsv4.decode_fwd.inouts
-PREFILL_CACHES = dsv4.prefill_fwd.inouts
 
 
 def fresh(d):
@@ -101,20 +100,45 @@ def test_decode_fwd_is_the_layers_chained(impl, dec, per_layer, dec_runs):
     assert not same_bits(out["kv_cache"], dec["kv_cache"])
 
 
-def test_decode_fwd_c_matches_golden_at_every_layer(dec, dec_runs):
-    """Each C layer against the golden layer on the same input (the C forward's previous
-    output), and the chained outputs at the end."""
+def assert_each_layer_matches_golden(fwd, inputs, layers, c, g, overrides=None, meta=None):
+    """Each C layer against the golden layer run on the input the C forward gave it, for
+    x_next and for that layer's slice of every cache: chained, the two forwards drift
+    apart from layer to layer (a bf16 residual stream), so their caches are not compared
+    chained."""
+    layer_name = fwd.replace("_fwd", "_layer")
+    caches = getattr(dsv4, fwd).inouts
+    kw = {} if meta is None else {"inputs": meta}
+    xs = c["stages"]["x_next"]
+    owner = {"csa_": "csa", "idx_": "csa", "hca_": "hca"}
+    seen = set()
+    for L, kind, _ in schedule(N, SMALL):
+        x_in = inputs["x_hc"] if L == 0 else xs[L - 1]
+        want = getattr(G, layer_name)(**{**fresh(layers[L]), **(overrides or {}), "x_hc": x_in},
+                                      config=SMALL)
+        if L == 0:
+            assert same_bits(want["x_next"], g["stages"]["x_next"][0])
+        r = S.COMPARATORS[layer_name]["x_next"](xs[L], want["x_next"], name=f"x_next[{L}]", **kw)
+        assert r.passed, r.message
+        for name in caches:
+            m = want[name].shape[1]
+            if c[name].shape[1] == N * m:
+                got = c[name][:, L * m:(L + 1) * m]
+            elif owner.get(name[:4]) == kind:
+                got = c[name]
+            else:
+                continue
+            r = S.COMPARATORS[fwd][name](got, want[name], name=f"{name} of layer {L}", **kw)
+            assert r.passed, r.message
+            seen.add(name)
+    assert seen == set(caches)
+
+
+def test_decode_fwd_c_matches_golden_at_every_layer(dec, dec_runs, per_layer):
     g, c = dec_runs
-    cmp = S.COMPARATORS["decode_layer"]["x_next"]
-    want = dsv4.forward.each_layer("decode_fwd", dec, c["stages"]["x_next"], golden=True,
-                                   config=SMALL)
-    assert same_bits(want[0], g["stages"]["x_next"][0])
-    for L in range(N):
-        r = cmp(c["stages"]["x_next"][L], want[L], name=f"x_next[{L}]")
-        assert r.passed, r.message
-    for name in ("hidden_out", *DECODE_CACHES):
-        r = S.COMPARATORS["decode_fwd"][name](c[name], g[name], name=name)
-        assert r.passed, r.message
+    assert_each_layer_matches_golden("decode_fwd", dec, per_layer, c, g)
+    want = head(G.hc_head, G.rms_norm, c["stages"]["x_next"][N - 1], dec)
+    r = S.COMPARATORS["decode_fwd"]["hidden_out"](c["hidden_out"], want, name="hidden_out")
+    assert r.passed, r.message
 
 
 def test_decode_fwd_layers_prefix_and_lm_head(dec, dec_runs):
@@ -269,43 +293,16 @@ def test_prefill_fwd_is_the_layers_chained(impl, pre, pre_runs, pre_layers):
 
 
 def test_prefill_fwd_c_matches_golden_at_every_layer(pre, pre_runs, pre_layers):
-    """Each C layer against the golden layer run on the input the C forward gave it, for
-    x_next and for that layer's slice of every cache: chained, the two forwards drift
-    apart from layer to layer (a bf16 residual stream), so their caches are not compared
-    chained."""
     g, c = pre_runs
-    inputs = dsv4.prefill_metadata(CHUNKS, STARTS, layer_id=0, n_ranks=2, config=SMALL)
-    xs = c["stages"]["x_next"]
+    meta = dsv4.prefill_metadata(CHUNKS, STARTS, layer_id=0, n_ranks=2, config=SMALL)
     tables = {k: pre[k] for k in ("freqs_cos", "freqs_sin")}
-    owner = {"csa_": "csa", "idx_": "csa", "hca_": "hca"}
-    seen = set()
-    for L, kind, _ in schedule(N, SMALL):
-        x_in = pre["x_hc"] if L == 0 else xs[L - 1]
-        want = G.prefill_layer(**{**fresh(pre_layers[L]), **tables, "x_hc": x_in}, config=SMALL)
-        if L == 0:
-            assert same_bits(want["x_next"], g["stages"]["x_next"][0])
-        r = S.COMPARATORS["prefill_layer"]["x_next"](xs[L], want["x_next"], name=f"x_next[{L}]",
-                                                      inputs=inputs)
-        assert r.passed, r.message
-        for name in PREFILL_CACHES:
-            m = want[name].shape[1]
-            if c[name].shape[1] == N * m:
-                got = c[name][:, L * m:(L + 1) * m]
-            elif owner.get(name[:4]) == kind:
-                got = c[name]
-            else:
-                continue
-            r = S.COMPARATORS["prefill_fwd"][name](got, want[name], name=f"{name} of layer {L}",
-                                                   inputs=inputs)
-            assert r.passed, r.message
-            seen.add(name)
-    assert seen == set(PREFILL_CACHES)
-    want = head(G.hc_head, G.rms_norm, xs[N - 1], pre)
+    assert_each_layer_matches_golden("prefill_fwd", pre, pre_layers, c, g, tables, meta)
+    want = head(G.hc_head, G.rms_norm, c["stages"]["x_next"][N - 1], pre)
     valid = np.zeros(want.shape[1], bool)
-    for n, base in zip(inputs["chunk_lens"][0], inputs["chunk_offsets"][0]):
+    for n, base in zip(meta["chunk_lens"][0], meta["chunk_offsets"][0]):
         valid[base:base + n] = True
     want[:, ~valid] = 0
-    r = S.COMPARATORS["prefill_fwd"]["x_out"](c["x_out"], want, name="x_out", inputs=inputs)
+    r = S.COMPARATORS["prefill_fwd"]["x_out"](c["x_out"], want, name="x_out", inputs=meta)
     assert r.passed, r.message
 
 
