@@ -55,7 +55,7 @@ _AXES = contextvars.ContextVar("dsv4_compare_axes", default=None)
 
 def _f32(x):
     # ml_dtypes arrays (bf16, fp8) have dtype kind 'V'; astype widens them exactly.
-    return np.asarray(x).astype(np.float32)
+    return np.asarray(x).astype(np.float32, copy=False)
 
 
 def _coord(flat, shape):
@@ -93,8 +93,14 @@ def _where(index, names):
 
 
 def _per_axis(mask):
-    return [mask.sum(axis=tuple(j for j in range(mask.ndim) if j != k), dtype=np.int64)
-            for k in range(mask.ndim)]
+    """Set elements per index of each axis. Few set (bad elements of a whole cache): counted
+    from their coordinates, one pass over `mask`; many: summed over the other axes."""
+    idx = np.flatnonzero(mask)
+    if idx.size > mask.size // 64:
+        return [mask.sum(axis=tuple(j for j in range(mask.ndim) if j != k), dtype=np.int64)
+                for k in range(mask.ndim)]
+    coords = np.unravel_index(idx, mask.shape)
+    return [np.bincount(c, minlength=n).astype(np.int64) for c, n in zip(coords, mask.shape)]
 
 
 def _feature_axes(names):
@@ -249,7 +255,8 @@ def _make(ctx, passed, notes, *, mask=None, allowed=0, a=None, e=None, d=None, t
     """Assemble a CompareResult: count bad elements, pick the worst, find hotspots, write the message.
 
     `near` marks the near misses (see the module docstring), for comparators with an
-    element tolerance.
+    element tolerance: a mask, or a function that makes it (needed only when the output
+    passes with no hotspot of bad elements).
     """
     total = ctx["total"]
     # numpy returns scalars for 0-d operands; keep arrays so .flat and .shape work
@@ -270,8 +277,10 @@ def _make(ctx, passed, notes, *, mask=None, allowed=0, a=None, e=None, d=None, t
                 w[name] = src(f) if callable(src) else float(src.flat[f])
             worst.append(w)
     max_err = max_idx = None
-    if show_max and d is not None and d.size and not np.isnan(d).all():
-        i = int(np.nanargmax(d))
+    i = int(np.argmax(d)) if show_max and d is not None and d.size else None
+    if i is not None and np.isnan(d.flat[i]):       # argmax stops at the first NaN
+        i = None if np.isnan(d).all() else int(np.nanargmax(d))
+    if i is not None:
         max_err, max_idx = float(d.flat[i]), _coord(i, d.shape)
         if max_err == 0:
             max_idx = None   # no place to point at
@@ -289,7 +298,7 @@ def _make(ctx, passed, notes, *, mask=None, allowed=0, a=None, e=None, d=None, t
         if hot:
             what = f"its {bad} bad elements (allowed {allowed})"
         elif near is not None:
-            near = np.asarray(near) | mask
+            near = np.asarray(near() if callable(near) else near) | mask
             hot = [dict(h, set="near miss") for h in _hotspots(near, names)]
             what = f"its {int(near.sum())} near misses (error > {_TIGHT:g} x tolerance)"
         if hot:
@@ -374,7 +383,7 @@ def allclose(atol=1e-5, rtol=1e-5, max_show=10):
         bad = ~((a == e) | (np.isfinite(d) & (d <= tol)))
         return _make(ctx, not bad.any(), [f"atol={atol} rtol={rtol}, every element must pass"],
                      mask=bad, a=a, e=e, d=d, tol=tol, key=d, max_show=max_show,
-                     near=d > _F(_TIGHT) * tol)
+                     near=lambda: d > _F(_TIGHT) * tol)
     return Comparator(f"allclose(atol={atol}, rtol={rtol})", run)
 
 
@@ -393,10 +402,12 @@ def ratio_allclose(atol=None, rtol=None, max_error_ratio=0.005, max_show=10, sam
         at = atol if atol is not None else (h_atol if h_atol is not None else 1e-5)
         rt = rtol if rtol is not None else (h_rtol if h_rtol is not None else 1e-5)
         a, e = _f32(a), _f32(e)
-        if same_inf:
+        finite = np.isfinite(a).all()
+        if same_inf and not finite:
             same = np.isinf(a) & (a == e)
             a, e = np.where(same, _F(0), a), np.where(same, _F(0), e)
-        if not np.isfinite(a).all():
+            finite = np.isfinite(a).all()
+        if not finite:
             return _nonfinite_fail(ctx, a, e, max_show)
         d = np.abs(a - e)
         tol = _F(at) + _F(rt) * np.abs(e)
@@ -404,7 +415,8 @@ def ratio_allclose(atol=None, rtol=None, max_error_ratio=0.005, max_show=10, sam
         threshold = round(max_error_ratio * a.size)  # Python round: exact halves go to even
         note = f"atol={at} rtol={rt}; allowed = round({max_error_ratio} * {a.size}) = {threshold}"
         return _make(ctx, int(bad.sum()) <= threshold, [note], mask=bad, allowed=threshold,
-                     a=a, e=e, d=d, tol=tol, key=d, max_show=max_show, near=d > _F(_TIGHT) * tol)
+                     a=a, e=e, d=d, tol=tol, key=d, max_show=max_show,
+                     near=lambda: d > _F(_TIGHT) * tol)
     extra = ", same_inf=True" if same_inf else ""
     return Comparator(f"ratio_allclose(atol={atol}, rtol={rtol}, max_error_ratio={max_error_ratio}{extra})",
                       run)
@@ -443,7 +455,7 @@ def ratio_reldiff(diff_thd=0.01, pct_thd=0.05, max_diff_hd=float("inf"), max_sho
         tight = _TIGHT * diff_thd
         return _make(ctx, n <= threshold and worst < max_diff_hd, notes, mask=bad, allowed=threshold,
                      a=a, e=e, d=d, tol=_F(diff_thd), key=rdiff, extra={"rdiff": rdiff},
-                     max_show=max_show, near=_floored_rdiff(a, e, d, tight) > _F(tight))
+                     max_show=max_show, near=lambda: _floored_rdiff(a, e, d, tight) > _F(tight))
     return Comparator(f"ratio_reldiff(diff_thd={diff_thd}, pct_thd={pct_thd}, max_diff_hd={max_diff_hd})", run)
 
 
@@ -549,6 +561,8 @@ def _nan_inf_parity(a, e, ctx, max_show=10):
         return None
     # float64 stays as is so that huge finite values are not turned into Inf by the check
     af, ef = (x if x.dtype.kind in "fc" else _f32(x) for x in (a, e))
+    if np.isfinite(af).all() and np.isfinite(ef).all():
+        return None
     bad = ((np.isnan(af) != np.isnan(ef)) | (np.isposinf(af) != np.isposinf(ef))
            | (np.isneginf(af) != np.isneginf(ef)))
     if not bad.any():

@@ -477,6 +477,22 @@ def test_matmul_i8_extremes(K, va, vb, each_isa):
     np.testing.assert_array_equal(gn.matmul_i8(a, b), ref)
 
 
+# the golden sums k in 1024-long float32 slices: no k, a batch axis, a transposed weight
+@pytest.mark.parametrize("shape_a,shape_b,transposed", [
+    ((3, 0), (0, 2), False), ((2, 4, 3000), (2, 3000, 6), False), ((5, 2049), (7, 2049), True),
+    ((6, 8192), (8192, 3), False)])
+def test_golden_matmul_i8_in_slices(shape_a, shape_b, transposed):
+    rng = np.random.default_rng(len(shape_a) + shape_a[-1])
+    a = rng.integers(-128, 128, shape_a).astype(np.int8)
+    b = rng.integers(-128, 128, shape_b).astype(np.int8)
+    if shape_a[-1] == 8192:
+        a[0], b[:, 0] = -128, -128          # one dot product at the extreme, 2^27
+    b = b.T if transposed else b
+    got = gn.matmul_i8(a, b)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.matmul(a.astype(np.int64), b.astype(np.int64)))
+
+
 # ================================================================ matmul_bf16
 
 def rand_bf16(rng, shape, spread=8):
