@@ -109,11 +109,16 @@ def test_nan_and_inf_reach_the_same_elements(kernel, name):
     floats = {o: v for o, v in g.items() if np.asarray(v).dtype.kind not in "biu"}
     ints = {o: v for o, v in g.items() if o not in floats}
     for o in floats:
+        if same_bits(c[o], g[o]):
+            continue                    # most caches: NaN and Inf at the same places, and more
         a, e = (np.asarray(x).astype(np.float32) for x in (c[o], g[o]))
         for what, test in (("NaN", np.isnan), ("+Inf", np.isposinf), ("-Inf", np.isneginf)):
-            bad = np.argwhere(test(a) != test(e))
-            assert not len(bad), (f"{name} planted: {what} of '{o}' differs at {len(bad)} elements, "
-                                  f"first {tuple(bad[0])}: C {a[tuple(bad[0])]}, golden {e[tuple(bad[0])]}")
+            differ = test(a) != test(e)
+            if differ.any():
+                bad = np.argwhere(differ)
+                raise AssertionError(
+                    f"{name} planted: {what} of '{o}' differs at {len(bad)} elements, first "
+                    f"{tuple(bad[0])}: C {a[tuple(bad[0])]}, golden {e[tuple(bad[0])]}")
     # int outputs keep the kernel's own comparator (its off-by-one allowances)
     cmp = {o: f for o, f in dsv4.specs.COMPARATORS[kernel].items() if o in ints}
     if ints:
