@@ -1848,6 +1848,8 @@ static PyObject *set_isa(PyObject *self, PyObject *arg)
         isa = DSV4_ISA_SCALAR;
     else if (!strcmp(s, "avx2"))
         isa = DSV4_ISA_AVX2;
+    else if (!strcmp(s, "avxvnni"))
+        isa = DSV4_ISA_AVXVNNI;
     else if (!strcmp(s, "avx512"))
         isa = DSV4_ISA_AVX512;
     else if (!strcmp(s, "amx"))
@@ -1856,7 +1858,7 @@ static PyObject *set_isa(PyObject *self, PyObject *arg)
         isa = dsv4_best_isa();
     else {
         PyErr_Format(PyExc_ValueError,
-                     "set_isa: isa must be 'auto', 'scalar', 'avx2', 'avx512' or 'amx', got %R", arg);
+                     "set_isa: isa must be 'auto', 'scalar', 'avx2', 'avxvnni', 'avx512' or 'amx', got %R", arg);
         return NULL;
     }
     if (dsv4_set_isa(isa)) {

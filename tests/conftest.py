@@ -6,6 +6,10 @@ import pytest
 
 import dsv4
 
+# every code path, slowest first; the vector ones are compared with scalar bit for bit
+PATHS = ("scalar", "avx2", "avxvnni", "avx512", "amx")
+SIMD = PATHS[1:]
+
 # FLASH with small attention dims: the leaves' numerics are checked at full size elsewhere
 SMALL_ATTN = dataclasses.replace(
     dsv4.FLASH, hidden_size=256, q_lora_rank=128, num_attention_heads=4, head_dim=96,

@@ -3,6 +3,7 @@ bad input, untouched inputs, thread count and ISA independence, symmetric names.
 import dataclasses
 import functools
 import inspect
+import platform
 
 import ml_dtypes
 import numpy as np
@@ -12,7 +13,7 @@ import dsv4
 from dsv4._families import FAMILIES, NAMES
 from dsv4.check import fresh
 from dsv4.compare import compare_outputs
-from conftest import SMALL, SMALL_ATTN, same_bits, small_params
+from conftest import PATHS, SIMD, SMALL, SMALL_ATTN, same_bits, small_params
 
 KERNELS = sorted(dsv4.KERNELS)
 
@@ -165,7 +166,6 @@ def test_same_bits_for_any_thread_count(kernel, threads):
     assert dsv4._C._unpinned_reads() == unpinned, "a setting read inside a parallel region"
 
 
-SIMD = ["avx2", "avx512", "amx"]
 
 
 def need(name):
@@ -481,12 +481,34 @@ def test_config_by_name_and_bad_config():
         dsv4.rms_norm(**d, config="nope")
 
 
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
 def test_isa_levels_are_ordered():
-    # each level has every path of the one below, and they are listed from the slowest
+    # listed from the slowest; each vector level needs the one it builds on
     names = dsv4.available_isas()
-    order = ("scalar", "avx2", "avx512", "amx")
-    assert names[0] == "scalar" and names == tuple(n for n in order if n in names)
-    assert names == order[:len(names)], names
+    assert names[0] == "scalar" and names == tuple(n for n in PATHS if n in names), names
+    for level, base in (("avxvnni", "avx2"), ("avx512", "avx2"), ("amx", "avx512")):
+        assert level not in names or base in names, (level, names)
+
+
+def test_isa_levels_follow_the_cpu_flags():
+    flags = cpu_flags()
+    if flags is None or platform.machine() != "x86_64":
+        pytest.skip("needs /proc/cpuinfo of an x86-64 CPU")
+    names = dsv4.available_isas()
+    want = {"avx2": {"avx2", "fma"}, "avxvnni": {"avx2", "fma", "avx_vnni"},
+            "avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
+    for level, need in want.items():
+        assert (level in names) == (need <= flags), (level, sorted(need - flags))
+    if "amx" in names:   # AMX also needs the kernel's permission, which the flags do not show
+        assert {"amx_tile", "amx_int8"} <= flags
 
 
 def test_set_num_threads_rejects_nonsense():

@@ -10,8 +10,7 @@ import pytest
 import dsv4
 from dsv4.compare import compare_outputs
 from dsv4.golden.numerics import BF16
-from conftest import same_bits
-from conftest import SMALL
+from conftest import SIMD, SMALL, same_bits
 
 F = np.float32
 MTP = [pytest.param(dsv4.golden.mtp_projection, id="golden"), pytest.param(dsv4.mtp_projection, id="C")]
@@ -173,7 +172,7 @@ def test_same_bits_1_and_2_threads(kernel, params, threads):
         assert same_bits(one[n], two[n]), n
 
 
-@pytest.mark.parametrize("simd", ["avx512", "amx"])
+@pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("kernel,params", CASES, ids=IDS)
 def test_same_bits_scalar_and_simd(kernel, params, simd, isa):
     if simd not in dsv4.available_isas():

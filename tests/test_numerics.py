@@ -10,6 +10,7 @@ import pytest
 import dsv4
 from dsv4 import _C
 from dsv4.golden import numerics as gn
+from conftest import PATHS
 
 # NaN and out-of-range inputs are cast on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
@@ -57,7 +58,7 @@ def restore_isa():
     dsv4.set_isa("auto")
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512", "amx"])
+@pytest.fixture(params=PATHS)
 def each_isa(request):
     if request.param not in dsv4.available_isas():
         pytest.skip(f"{request.param} not available on this CPU")
@@ -551,7 +552,7 @@ def test_matmul_bf16_cancellation_order_matters():
 
 # ================================================== scalar vs each vector path
 
-@pytest.fixture(params=["avx2", "avx512"])
+@pytest.fixture(params=["avx2", "avxvnni", "avx512"])
 def simd(request, restore_isa):
     if request.param not in dsv4.available_isas():
         pytest.skip(f"{request.param} not available on this CPU")

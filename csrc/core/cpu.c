@@ -33,6 +33,13 @@ static int has_avx2(void)
     return (b >> 5) & 1;
 }
 
+/* AVX-VNNI (VEX-encoded vpdpbusd on ymm) */
+static int has_avxvnni(void)
+{
+    unsigned a, b, c, d;
+    return has_avx2() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
+}
+
 static int has_avx512(void)
 {
     unsigned a, b, c, d;
@@ -78,6 +85,7 @@ static int has_amx(void)
 }
 #else
 static int has_avx2(void) { return 0; }
+static int has_avxvnni(void) { return 0; }
 static int has_avx512(void) { return 0; }
 static int has_amx(void) { return 0; }
 #endif
@@ -96,19 +104,20 @@ static _Thread_local int tl_nth = 0;
 int dsv4_isa_supported(enum dsv4_isa isa)
 {
     return isa == DSV4_ISA_SCALAR || (isa == DSV4_ISA_AVX2 && has_avx2()) ||
-           (isa == DSV4_ISA_AVX512 && has_avx512()) || (isa == DSV4_ISA_AMX && has_amx());
+           (isa == DSV4_ISA_AVXVNNI && has_avxvnni()) || (isa == DSV4_ISA_AVX512 && has_avx512()) ||
+           (isa == DSV4_ISA_AMX && has_amx());
 }
 
 const char *dsv4_isa_name(enum dsv4_isa isa)
 {
     return isa == DSV4_ISA_AMX ? "amx" : isa == DSV4_ISA_AVX512 ? "avx512"
-         : isa == DSV4_ISA_AVX2 ? "avx2" : "scalar";
+         : isa == DSV4_ISA_AVXVNNI ? "avxvnni" : isa == DSV4_ISA_AVX2 ? "avx2" : "scalar";
 }
 
 enum dsv4_isa dsv4_best_isa(void)
 {
     return has_amx() ? DSV4_ISA_AMX : has_avx512() ? DSV4_ISA_AVX512
-         : has_avx2() ? DSV4_ISA_AVX2 : DSV4_ISA_SCALAR;
+         : has_avxvnni() ? DSV4_ISA_AVXVNNI : has_avx2() ? DSV4_ISA_AVX2 : DSV4_ISA_SCALAR;
 }
 
 static struct dsv4_ops g_tables[DSV4_NISA];

@@ -99,13 +99,16 @@ static inline int dsv4_unfused_try(uint32_t low16)
 static inline int dsv4_unfused_exact(void) { return !fetestexcept(FE_UNDERFLOW | FE_OVERFLOW); }
 
 /* ---- the code path: one table of hot primitives per ISA -------------------------
- * Ordered: each level has every path of the one below. AVX2 means AVX2 + FMA; AMX adds
- * the int8 tile GEMMs. Every entry of every table gives the same bits. A call takes its
+ * Ordered: each level runs the code of the one below but for its own entries. AVX2 means
+ * AVX2 + FMA; AVXVNNI is AVX2 with 256-bit int8 dot products (a CPU may have AVX-512
+ * without it); AMX adds the int8 tile GEMMs. Every entry of every table gives the same bits. A call takes its
  * table once, on the calling thread (dsv4_call_ops() in run()), and passes it down to the
  * primitives, also into its parallel regions, so no code inside a call reads the setting
  * again. */
-enum dsv4_isa { DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX2 = 1, DSV4_ISA_AVX512 = 2, DSV4_ISA_AMX = 3 };
-#define DSV4_NISA 4
+enum dsv4_isa {
+    DSV4_ISA_SCALAR = 0, DSV4_ISA_AVX2 = 1, DSV4_ISA_AVXVNNI = 2, DSV4_ISA_AVX512 = 3, DSV4_ISA_AMX = 4
+};
+#define DSV4_NISA 5
 
 struct dsv4_ops {
     enum dsv4_isa isa;

@@ -334,8 +334,8 @@ static void gemm_i8_scalar(const int8_t *Ap, int64_t Mp, int64_t K, const int8_t
 #if defined(__x86_64__)
 /* Panel layout: for each group of 4 k, NR columns of 4 bytes (k0..k3), b ^ flip (0x80 for
  * VNNI's unsigned operand: b + 128). */
-AVX512 static void pack_i8(const int8_t *B, int64_t ldb, int64_t K, int64_t n0, int64_t nc,
-                           uint8_t *P, uint8_t flipb)
+DSV4_AVX2 static void pack_i8(const int8_t *B, int64_t ldb, int64_t K, int64_t n0, int64_t nc,
+                              uint8_t *P, uint8_t flipb)
 {
     int64_t KG = dsv4_gemm_i8_lda(K) / 4;
     const __m128i flip = _mm_set1_epi8((char)flipb);
@@ -860,6 +860,104 @@ AMX static void gemm_i8_amx(const int8_t *Ap, int64_t Mp, int64_t K, const int8_
 }
 #endif
 
+#if defined(__x86_64__)
+/* ---- int8 on AVX-VNNI: the AVX-512 VNNI kernels on 256-bit vectors (VEX vpdpbusd, found
+ * without AVX-512 on recent Intel and AMD client CPUs). Exact, like every int8 path. */
+#define AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
+
+/* pack_i8's panel (b + 128), 4 rows by 16 columns per register block */
+AVXVNNI static void gemm_i8_avxvnni(const int8_t *Ap, const int32_t *rowsum, int64_t Mp,
+                                    int64_t K, const uint8_t *P, int32_t *C, int64_t ldc,
+                                    int64_t nc)
+{
+    const int64_t lda = dsv4_gemm_i8_lda(K), KG = lda / 4;
+    int32_t tile[16] __attribute__((aligned(32)));
+    for (int64_t m = 0; m < Mp; m += 4)
+        for (int64_t h = 0; h < nc; h += 16) {
+            __m256i c[4][2];
+            for (int r = 0; r < 4; r++)
+                c[r][0] = c[r][1] = _mm256_setzero_si256();
+            const int8_t *a = Ap + m * lda;
+            for (int64_t g = 0; g < KG; g++) {
+                const __m256i b0 = _mm256_load_si256((const __m256i *)(P + g * 4 * NR + 4 * h));
+                const __m256i b1 = _mm256_load_si256((const __m256i *)(P + g * 4 * NR + 4 * h + 32));
+                for (int r = 0; r < 4; r++) {
+                    int32_t a4;
+                    memcpy(&a4, a + r * lda + 4 * g, 4);
+                    const __m256i av = _mm256_set1_epi32(a4);
+                    c[r][0] = _mm256_dpbusd_avx_epi32(c[r][0], b0, av);
+                    c[r][1] = _mm256_dpbusd_avx_epi32(c[r][1], b1, av);
+                }
+            }
+            const int64_t w = nc - h < 16 ? nc - h : 16;
+            for (int r = 0; r < 4; r++) {
+                const __m256i corr = _mm256_set1_epi32(128 * rowsum[m + r]);
+                _mm256_store_si256((__m256i *)tile, _mm256_sub_epi32(c[r][0], corr));
+                _mm256_store_si256((__m256i *)(tile + 8), _mm256_sub_epi32(c[r][1], corr));
+                memcpy(C + (m + r) * ldc + h, tile, (size_t)w * sizeof(int32_t));
+            }
+        }
+}
+
+/* gemm_i8_nt_avx512 on 32 k at a time: 2 A rows by 4 W rows; the last k-slice through
+ * zero-padded copies (a zero w byte becomes 128 and meets a zero a byte) */
+AVXVNNI static void gemm_i8_nt_avxvnni(const int8_t *Ap, const int32_t *rowsum, int64_t Mp,
+                                       int64_t K, const int8_t *W, int64_t ldw, int64_t n0,
+                                       int64_t nc, int32_t *C, int64_t ldc)
+{
+    const int64_t lda = dsv4_gemm_i8_lda(K);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    int64_t j = 0;
+    for (; j + 4 <= nc; j += 4)
+        for (int64_t m = 0; m < Mp; m += 2) {
+            __m256i acc[2][4];
+            for (int r = 0; r < 2; r++)
+                for (int q = 0; q < 4; q++)
+                    acc[r][q] = _mm256_setzero_si256();
+            for (int64_t k = 0; k < K; k += 32) {
+                __m256i w[4], a[2];
+                if (K - k >= 32) {
+                    for (int q = 0; q < 4; q++)
+                        w[q] = _mm256_loadu_si256((const __m256i *)(W + (n0 + j + q) * ldw + k));
+                    for (int r = 0; r < 2; r++)
+                        a[r] = _mm256_loadu_si256((const __m256i *)(Ap + (m + r) * lda + k));
+                } else {
+                    int8_t t[6][32] __attribute__((aligned(32))) = {{0}};
+                    for (int q = 0; q < 4; q++)
+                        memcpy(t[q], W + (n0 + j + q) * ldw + k, (size_t)(K - k));
+                    for (int r = 0; r < 2; r++)
+                        memcpy(t[4 + r], Ap + (m + r) * lda + k, (size_t)(K - k));
+                    for (int q = 0; q < 4; q++)
+                        w[q] = _mm256_load_si256((const __m256i *)t[q]);
+                    for (int r = 0; r < 2; r++)
+                        a[r] = _mm256_load_si256((const __m256i *)t[4 + r]);
+                }
+                for (int q = 0; q < 4; q++)
+                    w[q] = _mm256_xor_si256(w[q], flip);
+                for (int r = 0; r < 2; r++)
+                    for (int q = 0; q < 4; q++)
+                        acc[r][q] = _mm256_dpbusd_avx_epi32(acc[r][q], w[q], a[r]);
+            }
+            for (int r = 0; r < 2; r++)
+                for (int q = 0; q < 4; q++)
+                    C[(m + r) * ldc + j + q] = hsum_i32x8(acc[r][q]) - 128 * rowsum[m + r];
+        }
+    if (j < nc)
+        gemm_i8_nt_scalar(Ap, Mp, K, W, ldw, n0 + j, nc - j, C + j, ldc);
+}
+
+static void gemm_i8_any_avxvnni(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
+                                const int8_t *B, int64_t ldb, int64_t n0, int64_t nc,
+                                int32_t *C, int64_t ldc, void *work)
+{
+    for (int64_t j = 0; j < nc; j += NR) {
+        int64_t w = nc - j < NR ? nc - j : NR;
+        pack_i8(B, ldb, K, n0 + j, w, work, 0x80);
+        gemm_i8_avxvnni(Ap, rowsum, Mp, K, work, C + j, ldc, w);
+    }
+}
+#endif
+
 /* dsv4_gemm_i8 and dsv4_gemm_i8_nt of each ISA; the AMX tiles take K a multiple of 64 and
  * at least 16 rows, AVX-512 the rest */
 static void gemm_i8_any_scalar(const int8_t *Ap, const int32_t *rowsum, int64_t Mp, int64_t K,
@@ -1180,8 +1278,8 @@ void dsv4_gemm_ops(struct dsv4_ops *o)
         o->xwt_panel = xwt_panel_avx512;
     } else if (o->isa >= DSV4_ISA_AVX2) {
         o->gemm_bf16 = gemm_bf16_panels_avx2;
-        o->gemm_i8 = gemm_i8_any_avx2;
-        o->gemm_i8_nt = gemm_i8_nt_any_avx2;
+        o->gemm_i8 = o->isa == DSV4_ISA_AVXVNNI ? gemm_i8_any_avxvnni : gemm_i8_any_avx2;
+        o->gemm_i8_nt = o->isa == DSV4_ISA_AVXVNNI ? gemm_i8_nt_avxvnni : gemm_i8_nt_any_avx2;
         o->xwt_micro = xwt_micro_avx2;
         o->xwt_panel = xwt_panel_avx2;
     }

@@ -141,24 +141,10 @@ int dsv4_mtp_projection(void *p, struct dsv4_err *e)
 #define LM_ROWS 64               /* vocabulary rows per work unit of the few-token path */
 #define LM_KC 256                /* k per widened slice of the vector path */
 
-/* Few tokens: each (token, row) sum is the fmaf chain over k in order that the panel GEMM
- * makes, with the tokens in the lanes (Xt [D][LM_LANES], zero past NX) and each weight row
- * widened once (wf [D]): the same bits without the panel's transposes. */
-static void lm_rows_scalar(const struct dsv4_ops *ops, const float *Xt, int64_t NX,
-                           const bf16_t *W, int64_t nr, int64_t D, float *wf, float *out,
-                           int64_t ldo)
-{
-    for (int64_t m = 0; m < nr; m++) {
-        dsv4_bf16_row_to_f32(ops, W + m * D, D, wf);
-        for (int64_t t = 0; t < NX; t++) {
-            float c = 0.0f;
-            for (int64_t k = 0; k < D; k++)
-                c = fmaf(Xt[k * LM_LANES + t], wf[k], c);
-            out[t * ldo + m] = c;
-        }
-    }
-}
-
+/* Few tokens on AVX-512: each (token, row) sum is the fmaf chain over k in order that the
+ * panel GEMM makes, with the tokens in the lanes (Xt [D][LM_LANES], zero past NX) and each
+ * weight row's k-slices widened once (wf): the same bits without the panel's transposes.
+ * Narrower paths take the panel GEMM for every token count, whose micro-kernels they have. */
 #if defined(__x86_64__)
 /* 8 weight rows at a time, 8 independent chains; their k-slices widened into wf [8][LM_KC] */
 DSV4_AVX512 static void lm_rows_avx512(const struct dsv4_ops *ops, const float *Xt, int64_t NX,
@@ -193,8 +179,13 @@ DSV4_AVX512 static void lm_rows_avx512(const struct dsv4_ops *ops, const float *
 }
 #endif
 
-/* per thread: one widened row (scalar path) or 8 k-slices (vector path) */
-static int64_t wf_floats(int64_t D) { return dsv4_round_up(D > 8 * LM_KC ? D : 8 * LM_KC, 16); }
+/* per thread: 8 widened k-slices */
+static int64_t wf_floats(void) { return 8 * LM_KC; }
+
+static int lm_lanes(const struct dsv4_ops *ops, int64_t NX)
+{
+    return NX <= LM_LANES && ops->isa >= DSV4_ISA_AVX512;
+}
 
 int dsv4_lm_head_prepare(void *p, struct dsv4_err *e, size_t *scratch)
 {
@@ -206,16 +197,16 @@ int dsv4_lm_head_prepare(void *p, struct dsv4_err *e, size_t *scratch)
     }
     a->V = a->P * a->VS;
     const int64_t NX = a->R * a->T, nth = dsv4_num_threads();
-    *scratch = NX <= LM_LANES
-                   ? (size_t)LM_LANES * a->D * sizeof(float) + (size_t)nth * wf_floats(a->D) * sizeof(float) + 2 * 64
+    *scratch = lm_lanes(dsv4_call_ops(), NX)
+                   ? (size_t)LM_LANES * a->D * sizeof(float) + (size_t)nth * wf_floats() * sizeof(float) + 2 * 64
                    : (size_t)NX * a->D * sizeof(float) + 64 +
                          dsv4_xwt_work(NX, a->VS, a->D, a->P, (int)nth);
     return DSV4_OK;
 }
 
-/* Every logit is an fp32 sum over k in order, whatever the token count (few tokens in
- * lanes, more through the panel GEMM with the shards as its groups): a token's logits do
- * not depend on the batch. */
+/* Every logit is an fp32 sum over k in order, whatever the token count and path (few
+ * tokens on AVX-512 in lanes, otherwise the panel GEMM with the shards as its groups): a
+ * token's logits do not depend on the batch. */
 int dsv4_lm_head(void *p, struct dsv4_err *e)
 {
     const struct dsv4_lm_head_args *a = p;
@@ -223,35 +214,30 @@ int dsv4_lm_head(void *p, struct dsv4_err *e)
     const int nth = dsv4_num_threads();
     const struct dsv4_ops *ops = dsv4_call_ops();
     struct dsv4_arena ar = {a->scratch, 0};
-    if (NX > LM_LANES) {
-        float *X = dsv4_take(&ar, (size_t)NX * D * sizeof(float));
-        void *work = dsv4_take(&ar, dsv4_xwt_work(NX, VS, D, a->P, nth));
-        struct dsv4_xwt_group g[LM_MAX_SHARDS];
-        for (int64_t s = 0; s < a->P; s++)
-            g[s] = (struct dsv4_xwt_group){X, a->lm_head_weight + s * VS * D, a->logits + s * VS};
-        dsv4_bf16_row_to_f32(ops, a->hidden_states, NX * D, X);
-        dsv4_xwt_groups(ops, g, a->P, D, NX, D, VS, D, V, work, nth);
+#if defined(__x86_64__)
+    if (lm_lanes(ops, NX)) {
+        float *Xt = dsv4_take(&ar, (size_t)LM_LANES * D * sizeof(float));
+        float *wf = dsv4_take(&ar, (size_t)nth * wf_floats() * sizeof(float));
+        for (int64_t k = 0; k < D; k++)
+            for (int64_t t = 0; t < LM_LANES; t++)
+                Xt[k * LM_LANES + t] = t < NX ? dsv4_bf16_to_f32(a->hidden_states[t * D + k]) : 0.0f;
+        const int64_t per = (VS + LM_ROWS - 1) / LM_ROWS, units = a->P * per;
+        #pragma omp parallel for schedule(static) num_threads(nth)
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t s = u / per, r0 = u % per * LM_ROWS, nr = VS - r0 < LM_ROWS ? VS - r0 : LM_ROWS;
+            lm_rows_avx512(ops, Xt, NX, a->lm_head_weight + (s * VS + r0) * D, nr, D,
+                           wf + (size_t)omp_get_thread_num() * wf_floats(), a->logits + s * VS + r0, V);
+        }
         return DSV4_OK;
     }
-    float *Xt = dsv4_take(&ar, (size_t)LM_LANES * D * sizeof(float));
-    float *wf = dsv4_take(&ar, (size_t)nth * wf_floats(D) * sizeof(float));
-    for (int64_t k = 0; k < D; k++)
-        for (int64_t t = 0; t < LM_LANES; t++)
-            Xt[k * LM_LANES + t] = t < NX ? dsv4_bf16_to_f32(a->hidden_states[t * D + k]) : 0.0f;
-    void (*rows)(const struct dsv4_ops *, const float *, int64_t, const bf16_t *, int64_t, int64_t,
-                 float *, float *, int64_t) = lm_rows_scalar;
-#if defined(__x86_64__)
-    if (ops->isa >= DSV4_ISA_AVX512)
-        rows = lm_rows_avx512;
 #endif
-    const int64_t per = (VS + LM_ROWS - 1) / LM_ROWS, units = a->P * per;
-    #pragma omp parallel for schedule(static) num_threads(nth)
-    for (int64_t u = 0; u < units; u++) {
-        const int64_t s = u / per, r0 = u % per * LM_ROWS, nr = VS - r0 < LM_ROWS ? VS - r0 : LM_ROWS;
-        rows(ops, Xt, NX, a->lm_head_weight + (s * VS + r0) * D, nr, D,
-             wf + (size_t)omp_get_thread_num() * wf_floats(D),
-             a->logits + s * VS + r0, V);
-    }
+    float *X = dsv4_take(&ar, (size_t)NX * D * sizeof(float));
+    void *work = dsv4_take(&ar, dsv4_xwt_work(NX, VS, D, a->P, nth));
+    struct dsv4_xwt_group g[LM_MAX_SHARDS];
+    for (int64_t s = 0; s < a->P; s++)
+        g[s] = (struct dsv4_xwt_group){X, a->lm_head_weight + s * VS * D, a->logits + s * VS};
+    dsv4_bf16_row_to_f32(ops, a->hidden_states, NX * D, X);
+    dsv4_xwt_groups(ops, g, a->P, D, NX, D, VS, D, V, work, nth);
     return DSV4_OK;
 }
 
