@@ -7,8 +7,9 @@ For each kernel and deployment case (dsv4.specs.CASES): median wall time of
 the C kernel and of the golden over --repeat runs on the same inputs, and the
 ratio golden / C. "C into buffers" times the C kernel writing into
 pre-allocated outputs (as pypto-lib's goldens do), which leaves out the page
-faults of fresh output memory. With several code paths (--isa scalar,avx2) the C kernel
-is timed on each, on the same inputs, beside one golden time.
+faults of fresh output memory. With several code paths (--isa scalar,avx2,avx512) the C
+kernel is timed on each, on the same inputs, in turn round after round, beside one golden
+time; each path's time is also given as the median of its ratios to the last path's.
 """
 import argparse
 import statistics
@@ -89,28 +90,50 @@ def main(argv=None):
     return 0
 
 
+def paths_ms(name, kwargs, isas, repeat):
+    """Each path's median time, and each path's median ratio to the last path's time in the
+    same round: the paths are timed in turn, round after round, so that a drift of the
+    machine's speed moves them together."""
+    fn = dsv4.KERNELS[name]
+    for isa in isas:                  # warm-up of each path
+        dsv4.set_isa(isa)
+        fn(**fresh(name, kwargs))
+    times = [[] for _ in isas]
+    for _ in range(repeat):
+        for i, isa in enumerate(isas):
+            dsv4.set_isa(isa)
+            kw = fresh(name, kwargs)
+            t0 = time.perf_counter()
+            fn(**kw)
+            times[i].append(time.perf_counter() - t0)
+    ms = [statistics.median(t) * 1e3 for t in times]
+    ratios = [statistics.median(a / b for a, b in zip(t, times[-1])) for t in times]
+    return ms, ratios
+
+
 def by_path(names, isas, args):
     """The C kernel on each code path and the golden, per case."""
     rows = []
     for name in names:
         for case, params in cases(name, args.no_full).items():
             inputs = getattr(dsv4.specs, name)(**params)
-            c_ms = []
-            for isa in isas:
-                dsv4.set_isa(isa)
-                c_ms.append(median_ms(name, dsv4.KERNELS[name], inputs, args.repeat))
+            c_ms, ratios = paths_ms(name, inputs, isas, args.repeat)
             g_ms = median_ms(name, getattr(dsv4.golden, name), inputs, args.repeat)
-            rows.append((name, case, c_ms, g_ms))
+            rows.append((name, case, c_ms, ratios, g_ms))
             print(f"{name:24s} {case:14s} " + "  ".join(f"{i} {t:9.2f} ms" for i, t in zip(isas, c_ms))
-                  + f"  golden {g_ms:9.2f} ms  " + " ".join(f"x{g_ms / t:.1f}" for t in c_ms),
+                  + f"  golden {g_ms:9.2f} ms  " + " ".join(f"x{g_ms / t:.1f}" for t in c_ms)
+                  + "  / " + isas[-1] + " " + " ".join(f"{r:.2f}" for r in ratios[:-1]),
                   flush=True)
     if args.markdown:
+        last = isas[-1]
         print("\n| kernel | case | " + " | ".join(f"C {i} ms" for i in isas) + " | NumPy golden ms | "
-              + " | ".join(f"golden / {i}" for i in isas) + " |\n|---|---|"
-              + "---:|" * (2 * len(isas) + 1))
-        for name, case, c_ms, g in rows:
+              + " | ".join(f"golden / {i}" for i in isas) + " | "
+              + " | ".join(f"{i} / {last}" for i in isas[:-1]) + " |\n|---|---|"
+              + "---:|" * (3 * len(isas)))
+        for name, case, c_ms, ratios, g in rows:
             print(f"| `{name}` | {case} | " + " | ".join(f"{t:.2f}" for t in c_ms) + f" | {g:.1f} | "
-                  + " | ".join(f"{g / t:.1f}x" for t in c_ms) + " |")
+                  + " | ".join(f"{g / t:.1f}x" for t in c_ms) + " | "
+                  + " | ".join(f"{r:.2f}" for r in ratios[:-1]) + " |")
     return 0
 
 

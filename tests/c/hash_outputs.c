@@ -3,7 +3,7 @@
  * results depend on one of them. tools/aarch64_check builds it natively and for aarch64
  * (run under qemu-user) and compares the lines.
  *
- *   hash_outputs [isa [threads]]     isa: scalar (default), avx2, avx512, amx, best;
+ *   hash_outputs [isa [threads]]     isa: scalar (default), avx2, avxvnni, avx512, amx, best;
  *                                    threads: default 2
  */
 #include <math.h>
@@ -365,7 +365,7 @@ int main(int argc, char **argv)
             found = 1;
         }
     if (!found) {
-        fprintf(stderr, "usage: %s [scalar|avx2|avx512|amx|best [threads]]\n", argv[0]);
+        fprintf(stderr, "usage: %s [scalar|avx2|avxvnni|avx512|amx|best [threads]]\n", argv[0]);
         return 2;
     }
     dsv4_set_num_threads(nth > 0 ? nth : 1);
